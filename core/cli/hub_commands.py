@@ -1,0 +1,193 @@
+"""`nxdt list`, `nxdt inspect`, `nxdt plugins` and `nxdt config validate`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from nxdt.cli.main import print_json
+from nxdt.model_info import architecture_dict, describe, estimate_memory, format_count
+from nxdt.plugin_host import get_host
+
+
+def _console() -> Console:
+    # Piped output (scripts, CI logs) gets a wide table instead of rich's 80-column default.
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def preset_rows(family: str | None = None) -> list[dict[str, Any]]:
+    """One row per preset, with the exact parameter count when its family's plugin is installed."""
+    host = get_host()
+    rows = []
+    for preset in sorted(host.presets, key=lambda p: (p.family, p.name)):
+        if family and preset.family != family:
+            continue
+        params = None
+        if preset.family in host.models:
+            from nxdt.resolve import resolve
+
+            resolved = resolve(preset.name, host=host)
+            params = describe(resolved.spec, resolved.arch, preset.seq_length)["parameters"]
+        rows.append(
+            {
+                "name": preset.name,
+                "family": preset.family,
+                "plugin": preset.plugin,
+                "plugin_version": host.plugin_version(preset.plugin),
+                "style": preset.style,
+                "parameters": params,
+                "hf_model_id": preset.hf_model_id,
+                "model_installed": preset.family in host.models,
+            }
+        )
+    return rows
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the preset table."""
+    rows = preset_rows(args.family)
+    if args.json:
+        print_json(rows)
+        return 0
+    table = Table(title="nxdt presets")
+    for col in ("name", "family", "plugin", "style", "parameters", "hf model"):
+        table.add_column(col, justify="right" if col == "parameters" else "left")
+    for r in rows:
+        params = format_count(r["parameters"]) if r["model_installed"] else "[dim](model not installed)[/dim]"
+        table.add_row(r["name"], r["family"], f"{r['plugin']} {r['plugin_version']}", r["style"], params, r["hf_model_id"] or "-")
+    _console().print(table)
+    return 0
+
+
+def inspect_preset(name: str, overrides: list[str]) -> dict[str, Any]:
+    """Everything `nxdt inspect` reports about a preset, as a dict."""
+    from nxdt.resolve import resolve
+
+    host = get_host()
+    resolved = resolve(name, overrides=overrides, host=host)
+    cfg, spec = resolved.config, resolved.spec
+    seq = cfg.data.seq_length or (resolved.preset.seq_length if resolved.preset else 2048)
+    parallel = resolved.parallel_dims()
+    info = describe(spec, resolved.arch, seq)
+    plan = host.shard_plan(spec, resolved.arch, parallel)
+    precision = cfg.precision.resolved(cfg.model.optim.name)
+    memory = estimate_memory(
+        info["parameters"],
+        parallel,
+        param_dtype=precision.param_dtype,
+        master_weights=precision.master_weights,
+        optimizer_state_dtype=precision.optimizer_state_dtype,
+        zero1=bool(cfg.distributed_strategy.zero1),
+    )
+    preset = resolved.preset
+    return {
+        "name": name,
+        "family": resolved.family,
+        "plugin": spec.plugin,
+        "style": preset.style if preset else cfg.model_source,
+        "hf_model_id": preset.hf_model_id if preset else None,
+        "architecture": architecture_dict(resolved.arch),
+        **info,
+        "shard_plan": plan.as_dict(sequence_parallel=parallel.sequence_parallel),
+        "kv_projections": list(plan.kv_projections),
+        "distributed_strategy": {
+            "tensor_model_parallel_size": parallel.tp,
+            "pipeline_model_parallel_size": parallel.pp,
+            "expert_model_parallel_size": parallel.ep,
+            "data_parallel_size": parallel.dp,
+            "sequence_parallel": parallel.sequence_parallel,
+            "zero1": bool(cfg.distributed_strategy.zero1),
+        },
+        "reference_machine": preset.reference_machine if preset else None,
+        "precision": cfg.precision.type,
+        "memory_per_rank_gib": memory.as_dict(),
+        "recipes": host.recipes_for(resolved.family),
+        "is_moe": spec.is_moe,
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print one preset's architecture, exact counts, shard plan, memory and recipes."""
+    info = inspect_preset(args.preset, args.overrides)
+    if args.json:
+        print_json(info)
+        return 0
+    console = _console()
+    console.print(f"[bold]{info['name']}[/bold]  family={info['family']}  plugin={info['plugin']}  style={info['style']}")
+    if info["hf_model_id"]:
+        console.print(f"reference HF model: {info['hf_model_id']}")
+    arch = Table(title="architecture", show_header=False)
+    for k, v in info["architecture"].items():
+        arch.add_row(k, str(v))
+    console.print(arch)
+    counts = f"parameters: {info['parameters']:,} ({format_count(info['parameters'])})"
+    if "active_parameters" in info:
+        counts += f"   active per token: {info['active_parameters']:,}"
+    console.print(counts)
+    console.print(f"training FLOPs per token at seq_length {info['seq_length']}: {info['flops_per_token']:.4g}")
+    plan = Table(title="shard plan (module glob -> parallel style)")
+    plan.add_column("modules")
+    plan.add_column("style")
+    for k, v in info["shard_plan"].items():
+        plan.add_row(k, v)
+    console.print(plan)
+    ds = info["distributed_strategy"]
+    console.print(
+        f"default layout ({info['reference_machine']}): TP={ds['tensor_model_parallel_size']} "
+        f"PP={ds['pipeline_model_parallel_size']} EP={ds['expert_model_parallel_size']} DP={ds['data_parallel_size']} "
+        f"SP={ds['sequence_parallel']} ZeRO-1={ds['zero1']} precision={info['precision']}"
+    )
+    mem = info["memory_per_rank_gib"]
+    console.print(
+        "model-state memory per rank (GiB, activations excluded): "
+        + ", ".join(f"{k}={v}" for k, v in mem.items())
+    )
+    console.print(f"recipes: {', '.join(info['recipes']) or '(none)'}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """Print the plugins, the hooks each implements, and load errors."""
+    host = get_host()
+    rows = [
+        {
+            "name": r.name,
+            "distribution": r.distribution,
+            "version": r.version,
+            "module": r.module,
+            "hooks": r.hooks,
+            "error": r.error,
+        }
+        for r in host.records.values()
+    ]
+    if args.json:
+        print_json(rows)
+        return 0
+    table = Table(title="nxdt plugins")
+    for col in ("name", "distribution", "version", "hooks", "status"):
+        table.add_column(col)
+    for r in rows:
+        status = f"[red]error: {r['error']}[/red]" if r["error"] else "[green]ok[/green]"
+        table.add_row(r["name"], r["distribution"], r["version"], "\n".join(r["hooks"]) or "-", status)
+    _console().print(table)
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    """Load, interpolate and validate a YAML file; print the resolved config."""
+    from nxdt.config import load_run_config
+
+    cfg = load_run_config(args.file, args.overrides)
+    unused = cfg.unused_keys(backend="torch")
+    if args.json:
+        print_json({"valid": True, "config": cfg.to_dict(), "unused_keys": unused})
+        return 0
+    print(cfg.to_yaml(), end="")
+    if unused:
+        print(f"# unused on the torch backend (Neuron-only): {', '.join(unused)}")
+    print(f"# {args.file}: valid")
+    return 0

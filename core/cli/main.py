@@ -1,0 +1,103 @@
+"""The `nxdt` command line: list, inspect, plugins, config validate, run, data, checkpoints, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from nxdt.errors import NxdtError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    from nxdt import __version__
+
+    parser = argparse.ArgumentParser(prog="nxdt", description="Model hub and distributed training engine for LLMs.")
+    parser.add_argument("--version", action="version", version=f"nxdt {__version__}")
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("list", help="the model presets the installed plugins offer")
+    p.add_argument("--family", help="only this family")
+    _add_common(p)
+
+    p = sub.add_parser("inspect", help="architecture, exact parameter count, shard plan and memory of a preset")
+    p.add_argument("preset")
+    p.add_argument("overrides", nargs="*", help="model.* / distributed_strategy.* overrides, key=value")
+    _add_common(p)
+
+    p = sub.add_parser("plugins", help="installed plugins, their hooks and load errors")
+    _add_common(p)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    v = csub.add_parser("validate", help="load, interpolate and validate a YAML config")
+    v.add_argument("file")
+    v.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    _add_common(v)
+
+    from nxdt.cli import run_command
+
+    run_command.add_parser(sub, _add_common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; user errors are one line on stderr, no traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or bool(os.environ.get("NXDT_DEBUG"))
+    if debug:
+        os.environ["NXDT_DEBUG"] = "1"
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return int(_dispatch(args) or 0)
+    except NxdtError as exc:
+        if debug:
+            raise
+        print(f"nxdt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("nxdt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an nxdt bug: still one line unless --debug
+        if debug:
+            raise
+        print(f"nxdt: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    from nxdt.cli import hub_commands, run_command
+
+    if args.command == "list":
+        return hub_commands.cmd_list(args)
+    if args.command == "inspect":
+        return hub_commands.cmd_inspect(args)
+    if args.command == "plugins":
+        return hub_commands.cmd_plugins(args)
+    if args.command == "config":
+        if args.config_command != "validate":
+            raise NxdtError("usage: nxdt config validate FILE [key=value ...]")
+        return hub_commands.cmd_config_validate(args)
+    return run_command.dispatch(args)
+
+
+def print_json(obj: Any) -> None:
+    """Print ``obj`` as indented JSON on stdout."""
+    print(json.dumps(obj, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

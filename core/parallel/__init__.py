@@ -1,0 +1,1 @@
+"""Parallelism: device mesh, data/tensor parallel application, ZeRO-1, precision."""

@@ -1,0 +1,83 @@
+"""The process world: process-group start-up, the device, and the named DeviceMesh of a run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nxdt.specs import ParallelDims
+
+#: mesh dimension names, outermost first (pipeline stages are furthest apart, TP ranks closest)
+MESH_DIMS = ("pp", "dp", "cp", "tp")
+
+
+@dataclass
+class World:
+    """This process's place in the run."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether a process group spans more than this process."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, prints and writes the run's shared files."""
+        return self.rank == 0
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present (one GPU per local rank), else CPU; ``NXDT_DEVICE=cpu`` forces CPU."""
+    requested = requested or os.environ.get("NXDT_DEVICE")
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_world(device: str | None = None, timeout_s: int = 600) -> World:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device)
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return World(rank, world_size, local_rank, dev, backend)
+
+
+def build_mesh(world: World, parallel: ParallelDims):
+    """A DeviceMesh named ("pp", "dp", "cp", "tp") over the world, or None for one process."""
+    if not world.is_distributed:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    sizes = {"pp": parallel.pp, "dp": parallel.dp, "cp": parallel.cp, "tp": parallel.tp}
+    if parallel.world_size != world.world_size:
+        raise ValueError(
+            f"layout pp({parallel.pp}) x dp({parallel.dp}) x cp({parallel.cp}) x tp({parallel.tp}) = "
+            f"{parallel.world_size} does not equal the world size {world.world_size}"
+        )
+    return init_device_mesh(world.device.type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+
+
+def shutdown(world: World) -> None:
+    """Leave the process group cleanly."""
+    if world.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Recipes: the engine's built-in pretrain and SFT recipes, their datasets and losses."""

@@ -1,0 +1,77 @@
+"""The engine's own plugin: the `pretrain` and `sft` recipes, their datasets and the causal-LM loss."""
+
+from __future__ import annotations
+
+from nxdt import hookimpl
+from nxdt.recipes.datasets import build_pretrain_dataset, build_sft_dataset
+from nxdt.recipes.losses import build_causal_lm_loss
+from nxdt.specs import DatasetSpec, LossSpec, RecipeSpec
+
+CAUSAL_FAMILIES = ("llama", "gpt", "mixtral")
+
+PRETRAIN_DEFAULTS = {
+    "trainer": {"max_steps": 200, "log_every_n_steps": 10, "val_check_interval": 50, "limit_val_batches": 4, "gradient_clip_val": 1.0},
+    "data": {"micro_batch_size": 8, "global_batch_size": 32},
+    "model": {
+        "optim": {
+            "name": "adamw",
+            "lr": 3e-3,
+            "weight_decay": 0.01,
+            "betas": [0.9, 0.95],
+            "sched": {"name": "CosineAnnealing", "warmup_steps": 20, "constant_steps": 0, "min_lr": 3e-4},
+        }
+    },
+}
+
+SFT_DEFAULTS = {
+    "trainer": {"max_steps": 300, "log_every_n_steps": 10, "val_check_interval": 100, "limit_val_batches": 4, "gradient_clip_val": 1.0},
+    "data": {"micro_batch_size": 16, "global_batch_size": 32},
+    "model_alignment_strategy": {"sft": {"packing": True}},
+    "model": {
+        "optim": {
+            "name": "adamw",
+            "lr": 3e-3,
+            "weight_decay": 0.01,
+            "betas": [0.9, 0.95],
+            "sched": {"name": "CosineAnnealing", "warmup_steps": 20, "constant_steps": 0, "min_lr": 3e-4},
+        }
+    },
+}
+
+
+@hookimpl
+def nxdt_register_recipes(register):
+    """Register the engine recipes."""
+    register(
+        RecipeSpec(
+            name="pretrain",
+            description="causal-LM pre-training on packed text (HF datasets dir, raw text, or Megatron .bin/.idx)",
+            defaults=PRETRAIN_DEFAULTS,
+            dataset="pretrain",
+            loss="causal_lm",
+            families=CAUSAL_FAMILIES,
+        )
+    )
+    register(
+        RecipeSpec(
+            name="sft",
+            description="supervised fine-tuning on input/output or chat-message JSONL, prompt tokens masked",
+            defaults=SFT_DEFAULTS,
+            dataset="sft",
+            loss="causal_lm",
+            families=CAUSAL_FAMILIES,
+        )
+    )
+
+
+@hookimpl
+def nxdt_register_datasets(register):
+    """Register the engine datasets."""
+    register(DatasetSpec("pretrain", build_pretrain_dataset, description="packed pre-training text"))
+    register(DatasetSpec("sft", build_sft_dataset, description="prompt/response pairs with the prompt masked"))
+
+
+@hookimpl
+def nxdt_register_losses(register):
+    """Register the engine losses."""
+    register(LossSpec("causal_lm", build_causal_lm_loss, description="next-token cross entropy over labels != -100"))

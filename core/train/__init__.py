@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer, schedules and experiment management."""

@@ -1,0 +1,267 @@
+"""The training loop: micro-batches, accumulation, clipping, logging, validation and checkpoints.
+
+The trainer sees a model only through its ModelSpec and the plugin host; it never imports model
+code. Losses are sums over tokens divided by the token count of the whole global batch, so the
+loss and the gradients are the same whatever the data-parallel size and accumulation split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nxdt.errors import ConfigError, NxdtError
+from nxdt.parallel.world import World, build_mesh
+from nxdt.plugin_host import PluginHost, get_host
+from nxdt.resolve import ResolvedRun
+from nxdt.train.exp_manager import MetricsLogger, run_directory
+from nxdt.train.optim import build_optimizer
+from nxdt.train.progress import ProgressReporter
+from nxdt.train.schedules import build_scheduler
+
+
+@dataclass
+class TrainState:
+    """What advances each optimizer step (checkpointed with the model and optimizer)."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_nan_steps: int = 0
+
+
+@dataclass
+class TrainResult:
+    """A finished run's losses and where its files are."""
+
+    run_dir: str
+    losses: list[float] = field(default_factory=list)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Builds the model, data and optimizer of a resolved run, and trains it."""
+
+    def __init__(self, resolved: ResolvedRun, world: World, host: PluginHost | None = None):
+        self.run = resolved
+        self.cfg = resolved.config
+        self.world = world
+        self.host = host or get_host()
+        self.parallel = resolved.parallel_dims(world.world_size)
+        self.mesh = build_mesh(world, self.parallel)
+        self.state = TrainState()
+        self._check_batch_sizes()
+        self.run_dir = run_directory(self.cfg, world.is_distributed)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _check_batch_sizes(self) -> None:
+        data = self.cfg.data
+        mbs, gbs, dp = data.micro_batch_size, data.global_batch_size, self.parallel.dp
+        if gbs % (mbs * dp):
+            raise ConfigError(
+                f"data.global_batch_size ({gbs}) must be divisible by micro_batch_size ({mbs}) x "
+                f"data-parallel size ({dp}) = {mbs * dp}"
+            )
+        self.grad_accum = gbs // (mbs * dp)
+
+    def setup(self) -> None:
+        """Build (on meta), parallelize and materialize the model; build data, optimizer and schedule."""
+        from nxdt.parallel.apply import parallelize
+        from nxdt.recipes.data import build_data
+
+        torch.manual_seed(self.cfg.seed)
+        self.precision = self.cfg.precision.resolved(self.cfg.model.optim.name)
+        with torch.device("meta"):
+            model = self.host.build_model(self.run.spec, self.run.arch)
+        self.model = parallelize(model, self)
+        self.loss_fn = self.host.loss(self.run.recipe.loss if self.run.recipe else "causal_lm").build(
+            self.cfg, self.run.spec
+        )
+        self.data = build_data(self)
+        optim_cfg = self.cfg.model.optim
+        self.optimizer = build_optimizer(self.model.trainable_module, optim_cfg, self.cfg.model.do_layer_norm_weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg.sched, optim_cfg.lr, self.max_steps)
+        self.logger = MetricsLogger(
+            self.run_dir, enabled=self.world.is_main, tensorboard=bool(self.cfg.exp_manager.create_tensorboard_logger)
+        )
+        if self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+        from nxdt.train.checkpointing import build_checkpointer
+
+        self.checkpointer = build_checkpointer(self)
+
+    @property
+    def max_steps(self) -> int:
+        """``trainer.max_steps``, or the steps of ``max_epochs`` epochs when max_steps is unset."""
+        max_steps = self.cfg.trainer.max_steps
+        epochs = self.cfg.trainer.max_epochs
+        if (max_steps is None or max_steps < 0) and epochs and epochs > 0:
+            return epochs * (self.data.train_samples // self.cfg.data.global_batch_size)
+        if max_steps is None or max_steps < 0:
+            raise ConfigError("set trainer.max_steps or trainer.max_epochs")
+        return max_steps
+
+    # -- one step ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision.compute_dtype == "bf16" and self.precision.param_dtype == "fp32":
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.parallel.dp > 1:
+            dist.all_reduce(tensor, group=self.mesh["dp"].get_group())
+        return tensor
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Forward/backward over the step's micro-batches, then clip and update."""
+        model = self.model
+        # The token count of the whole global batch normalises every micro-batch's loss sum.
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        global_tokens = self._all_reduce_dp(torch.tensor([float(local_tokens)], device=self.world.device)).item()
+        if global_tokens == 0:
+            raise NxdtError(f"step {self.state.step + 1}: the global batch has no target tokens (all labels masked)")
+        # DDP averages gradients over DP ranks; multiplying by dp makes that average a global sum.
+        scale = self.parallel.dp / global_tokens
+        loss_sum = torch.zeros((), device=self.world.device)
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with model.no_sync(not last), self._autocast():
+                logits = model(mb["input_ids"], mb.get("position_ids"))
+                mb_loss, _ = self.loss_fn(logits, mb)
+                aux = model.auxiliary_loss()
+                (mb_loss * scale + (aux if aux is not None else 0.0)).backward()
+            loss_sum += mb_loss.detach().float()
+        loss = self._all_reduce_dp(loss_sum).item() / global_tokens
+        metrics: dict[str, float] = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+        if not math.isfinite(loss):
+            return metrics | {"nonfinite": 1.0}
+        model.finalize_gradients()
+        clip = self.cfg.trainer.gradient_clip_val
+        grad_norm = model.clip_grad_norm(clip if clip and clip > 0 else None)
+        if self.cfg.exp_manager.log_gradient_norm or clip:
+            metrics["grad_norm"] = grad_norm
+        self.optimizer.step()
+        model.after_optimizer_step(self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    # -- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Token-mean validation loss over ``limit_val_batches`` global batches, reduced over DP."""
+        batches = self.data.val_batches()
+        if batches is None:
+            return None
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.world.device)
+        tokens = torch.zeros((), device=self.world.device)
+        for mb in batches:
+            with self._autocast():
+                logits = self.model(mb["input_ids"], mb.get("position_ids"))
+                mb_loss, n = self.loss_fn(logits, mb)
+            loss_sum += mb_loss.float()
+            tokens += n
+        self.model.train()
+        pair = self._all_reduce_dp(torch.stack([loss_sum, tokens.float()]))
+        return (pair[0] / pair[1].clamp_min(1)).item()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps``; resume and checkpoint as exp_manager asks."""
+        self.setup()
+        result = TrainResult(run_dir=str(self.run_dir))
+        self.checkpointer.maybe_resume()
+        max_steps = self.max_steps
+        log_every = max(1, self.cfg.trainer.log_every_n_steps or 1)
+        val_every = self.cfg.trainer.val_check_interval
+        progress = ProgressReporter(max_steps, self.state.step, enabled=self.world.is_main)
+        self._report_start(progress)
+        flops_per_token = self.run.spec.flops_per_token(self.run.arch, self.cfg.data.seq_length)
+        peak = _peak_flops(self.world.device)
+        tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_length
+        batches = self.data.train_steps(self.state.consumed_samples)
+        try:
+            while self.state.step < max_steps:
+                t0 = time.perf_counter()
+                micro_batches = next(batches)
+                metrics = self.train_step(micro_batches)
+                self.state.consumed_samples += self.cfg.data.global_batch_size
+                if "nonfinite" in metrics:
+                    self._handle_nonfinite(metrics["loss"], progress)
+                    continue
+                self.state.step += 1
+                step = self.state.step
+                elapsed = time.perf_counter() - t0
+                metrics["tokens_per_s"] = tokens_per_step / elapsed
+                metrics["step_time_s"] = elapsed
+                metrics["consumed_samples"] = self.state.consumed_samples
+                if peak:
+                    metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * self.world.world_size)
+                if self.cfg.exp_manager.log_parameter_norm:
+                    metrics["param_norm"] = self.model.parameter_norm()
+                if (isinstance(val_every, int) and val_every > 0 and step % val_every == 0) or step == max_steps:
+                    val = self.validate()
+                    if val is not None:
+                        metrics["val_loss"] = val
+                        result.val_losses[step] = val
+                result.losses.append(metrics["loss"])
+                log_now = step % log_every == 0 or step == max_steps
+                if log_now or "val_loss" in metrics:
+                    self.logger.log(step, metrics)
+                progress.update(step, metrics, log_line=log_now)
+                self.checkpointer.maybe_save(final=step == max_steps)
+        finally:
+            progress.close()
+            self.checkpointer.close()
+        result.metrics = self._final_metrics(result, progress)
+        self.logger.close()
+        return result
+
+    def _handle_nonfinite(self, loss: float, progress: ProgressReporter) -> None:
+        step = self.state.step + 1
+        allowed = self.cfg.trainer.skip_nan_steps or 0
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state.skipped_nan_steps >= allowed:
+            raise NxdtError(
+                f"step {step}: loss is {loss} (not finite); stopping. Lower the learning rate, check the data, "
+                f"or allow skipping with trainer.skip_nan_steps=N"
+            )
+        self.state.skipped_nan_steps += 1
+        progress.print(f"step {step}: loss is {loss}; update skipped ({self.state.skipped_nan_steps}/{allowed})")
+
+    def _report_start(self, progress: ProgressReporter) -> None:
+        p = self.parallel
+        progress.print(
+            f"nxdt: {self.run.source} ({self.run.family}), recipe={self.run.recipe.name if self.run.recipe else '-'}, "
+            f"world={self.world.world_size} (dp={p.dp} tp={p.tp} pp={p.pp}), device={self.world.device.type}, "
+            f"precision={self.cfg.precision.type}, grad_accum={self.grad_accum}, run_dir={self.run_dir}"
+        )
+        for line in self.data.report():
+            progress.print(line)
+
+    def _final_metrics(self, result: TrainResult, progress: ProgressReporter) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        if self.run.recipe is not None and self.run.recipe.evaluate is not None:
+            metrics = self.run.recipe.evaluate(self) or {}
+            if metrics:
+                self.logger.log(self.state.step, metrics)
+                progress.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known accelerators (FLOP/s); None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12)):
+        if key in name:
+            return peak
+    return None

@@ -1,0 +1,1 @@
+"""nxdt-bert plugin package."""

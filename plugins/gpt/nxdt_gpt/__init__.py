@@ -1,0 +1,1 @@
+"""nxdt-gpt plugin package."""

@@ -1,0 +1,1 @@
+"""nxdt-llama plugin package."""

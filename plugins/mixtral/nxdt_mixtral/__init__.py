@@ -1,0 +1,1 @@
+"""nxdt-mixtral plugin package."""
