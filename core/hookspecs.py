@@ -8,10 +8,13 @@ for an older version keeps working. ``register`` hooks add objects from ``nxdt.s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nxdt import hookspec
 from nxdt.specs import DatasetSpec, LossSpec, ModelSpec, ParallelDims, PresetSpec, RecipeSpec, ShardPlan
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @hookspec
@@ -40,7 +43,7 @@ def nxdt_register_recipes(register: Callable[[RecipeSpec], None]) -> None:
 
 
 @hookspec(firstresult=True)
-def nxdt_build_model(spec: ModelSpec, config: Any) -> Any:
+def nxdt_build_model(spec: ModelSpec, config: Any) -> nn.Module | None:
     """Build the model for ``config`` (on the current default device); None to use ``spec.build_model``."""
 
 

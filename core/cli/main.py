@@ -54,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; user errors are one line on stderr, no traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`run x --recipe sft a.b=1`), which argparse
+    # leaves unparsed after its positional list closed; they are still overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = bool(getattr(args, "debug", False)) or bool(os.environ.get("NXDT_DEBUG"))
     if debug:
         os.environ["NXDT_DEBUG"] = "1"

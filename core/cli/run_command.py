@@ -46,7 +46,7 @@ def dispatch(args: argparse.Namespace) -> int:
     parallel = resolved.parallel_dims(world_size)
     if args.dry_run:
         return print_dry_run(resolved, parallel, world_size, nproc, nnodes, args.json)
-    worker_args = [args.target, "--recipe", recipe, *overrides]
+    worker_args = ["--recipe", recipe, args.target, *overrides]
     if world_size == 1 and "LOCAL_RANK" not in os.environ:
         from nxdt.cli.worker import train
 
