@@ -79,6 +79,12 @@ def resolve(
         if preset.defaults:
             layers.append(dict(preset.defaults))
     config = compose(layers, overrides)
+    hf_path = hf_config_path(config)
+    if preset and hf_path and Path(hf_path).is_file():
+        # An HF checkpoint's config.json defines the architecture; the preset keeps only its
+        # training defaults, and model.* keys the user sets still apply on top.
+        layers[0] = {k: v for k, v in layers[0].items() if k != "model"}
+        config = compose(layers, overrides)
     family = preset.family if preset else _family_of_file(config, host)
     spec = host.model_spec(family)
     if recipe_spec and not recipe_spec.supports(family):
@@ -93,7 +99,7 @@ def resolve(
 def architecture_config(spec: ModelSpec, config: RunConfig) -> Any:
     """The family's architecture config: HF config.json if given, then the NxDT ``model.*`` keys over it."""
     keys: dict[str, Any] = {}
-    hf_path = config.model.model_config_path
+    hf_path = hf_config_path(config)
     if hf_path and Path(hf_path).is_file():
         hf = json.loads(Path(hf_path).read_text())
         base = spec.config_from_hf(hf)
@@ -112,8 +118,17 @@ def _nxdt_keys_of(spec: ModelSpec, arch: Any) -> dict[str, Any]:
     return dict(spec.config_to_nxdt(arch))
 
 
+def hf_config_path(config: RunConfig) -> str | None:
+    """The HF config.json that defines the architecture: ``model.model_config``, else the one in ``model.hf_checkpoint``."""
+    if config.model.model_config_path:
+        return config.model.model_config_path
+    if config.model.hf_checkpoint:
+        return str(Path(config.model.hf_checkpoint) / "config.json")
+    return None
+
+
 def _family_of_file(config: RunConfig, host: PluginHost) -> str:
-    hf_path = config.model.model_config_path
+    hf_path = hf_config_path(config)
     if hf_path and Path(hf_path).is_file():
         model_type = json.loads(Path(hf_path).read_text()).get("model_type", "")
         for spec in host.models:

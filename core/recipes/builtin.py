@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nxdt import hookimpl
 from nxdt.recipes.datasets import build_pretrain_dataset, build_sft_dataset
+from nxdt.recipes.evaluate import sft_exact_match
 from nxdt.recipes.losses import build_causal_lm_loss
 from nxdt.specs import DatasetSpec, LossSpec, RecipeSpec
 
@@ -24,7 +25,7 @@ PRETRAIN_DEFAULTS = {
 }
 
 SFT_DEFAULTS = {
-    "trainer": {"max_steps": 300, "log_every_n_steps": 10, "val_check_interval": 100, "limit_val_batches": 4, "gradient_clip_val": 1.0},
+    "trainer": {"max_steps": 250, "log_every_n_steps": 10, "val_check_interval": 50, "limit_val_batches": 4, "gradient_clip_val": 1.0},
     "data": {"micro_batch_size": 16, "global_batch_size": 32},
     "model_alignment_strategy": {"sft": {"packing": True}},
     "model": {
@@ -60,6 +61,7 @@ def nxdt_register_recipes(register):
             dataset="sft",
             loss="causal_lm",
             families=CAUSAL_FAMILIES,
+            evaluate=sft_exact_match,
         )
     )
 

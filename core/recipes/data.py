@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,13 +91,23 @@ class RunData:
         return lines
 
 
+def _tokenizer_source(cfg: Any) -> str:
+    """``data.tokenizer.type``, else the tokenizer saved with ``model.hf_checkpoint``, else the embedded one."""
+    tok_cfg = cfg.data.tokenizer
+    if tok_cfg and tok_cfg.type:
+        return str(tok_cfg.type)
+    hf_dir = cfg.model.hf_checkpoint
+    if hf_dir and any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return str(hf_dir)
+    return "embedded"
+
+
 def build_data(trainer: Any) -> RunData:
     """Tokenizer and datasets of ``trainer``'s recipe, checked against the model's vocabulary."""
     cfg, run, host = trainer.cfg, trainer.run, trainer.host
     tok_cfg = cfg.data.tokenizer
     extra = {k: getattr(tok_cfg, k, None) for k in ("vocab_file", "merge_file")}
-    tokenizer = load_tokenizer(tok_cfg.type if tok_cfg and tok_cfg.type else "embedded",
-                               **{k: v for k, v in extra.items() if v})
+    tokenizer = load_tokenizer(_tokenizer_source(cfg), **{k: v for k, v in extra.items() if v})
     vocab = getattr(run.arch, "vocab_size", None)
     if vocab is not None and tokenizer.vocab_size > vocab:
         raise NxdtError(

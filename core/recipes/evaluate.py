@@ -1,0 +1,86 @@
+"""Task metrics of the SFT recipe: greedy-decoded exact match on held-out prompt/answer pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: held-out pairs scored at the end of an SFT run (the first N rows of the test file)
+MAX_EVAL_ROWS = 200
+MAX_NEW_TOKENS = 16
+
+
+def _full(logits: Any) -> torch.Tensor:
+    # Tensor-parallel runs keep logits sharded over the vocabulary; decoding needs them whole.
+    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], device: torch.device) -> list[str]:
+    """Greedy continuations up to EOS, batching prompts of equal token length (no padding needed)."""
+    from nxdt.data.sft import prompt_ids
+
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    answers = [""] * len(prompts)
+    for indices in by_length.values():
+        batch = torch.tensor([encoded[i] for i in indices], device=device)
+        done = torch.zeros(len(indices), dtype=torch.bool, device=device)
+        generated = []
+        for _ in range(MAX_NEW_TOKENS):
+            token = _full(model(batch))[:, -1].argmax(-1)
+            done |= token == tokenizer.eos_id
+            generated.append(torch.where(done, tokenizer.eos_id, token))
+            if bool(done.all()):
+                break
+            batch = torch.cat([batch, token[:, None]], dim=1)
+        tokens = torch.stack(generated, dim=1).tolist()
+        for row, i in zip(tokens, indices):
+            cut = row.index(tokenizer.eos_id) if tokenizer.eos_id in row else len(row)
+            answers[i] = tokenizer.decode(row[:cut]).strip()
+    return answers
+
+
+def exact_match(model: Any, tokenizer: Any, rows: list[tuple[str, str]], device: torch.device) -> float:
+    """Share of ``rows`` whose greedy answer equals the reference answer."""
+    answers = greedy_answers(model, tokenizer, [p for p, _ in rows], device)
+    return sum(a == ref.strip() for a, (_, ref) in zip(answers, rows)) / max(1, len(rows))
+
+
+def evaluation_rows(cfg: Any) -> list[tuple[str, str]]:
+    """Held-out input/output pairs: ``data.test_dir`` if given, the embedded test split when training on it."""
+    test_dir = getattr(cfg.data, "test_dir", None)
+    if test_dir:
+        path = Path(test_dir)
+    elif cfg.data.train_dir is None:
+        from nxdt.data.embedded import embedded_paths
+
+        path = embedded_paths()["sft_test"]
+    else:
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "input" in record and "output" in record:
+                rows.append((record["input"], record["output"]))
+            if len(rows) >= MAX_EVAL_ROWS:
+                break
+    return rows
+
+
+def sft_exact_match(trainer: Any) -> dict[str, float]:
+    """Exact match of the model as it is now (the trainer calls this before and after training)."""
+    rows = evaluation_rows(trainer.cfg)
+    if not rows:
+        return {}
+    model, tokenizer, device = trainer.model, trainer.data.tokenizer, trainer.world.device
+    model.eval()
+    score = exact_match(model, tokenizer, rows, device)
+    model.train()
+    return {"task/exact_match": score}
