@@ -45,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*", help="key.path=value overrides")
     _add_common(v)
 
-    from nxdt.cli import run_command
+    from nxdt.cli import data_commands, run_command
 
     run_command.add_parser(sub, _add_common)
+    data_commands.add_parsers(sub, _add_common)
+    from nxdt.cli import checkpoint_commands
+
+    checkpoint_commands.add_parsers(sub, _add_common)
     return parser
 
 
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int | None:
-    from nxdt.cli import hub_commands, run_command
+    from nxdt.cli import data_commands, hub_commands, run_command
 
     if args.command == "list":
         return hub_commands.cmd_list(args)
@@ -98,6 +102,13 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         if args.config_command != "validate":
             raise NxdtError("usage: nxdt config validate FILE [key=value ...]")
         return hub_commands.cmd_config_validate(args)
+    if args.command == "data":
+        return data_commands.dispatch(args)
+    from nxdt.cli import checkpoint_commands
+
+    handled = checkpoint_commands.dispatch(args)
+    if handled is not None:
+        return handled
     return run_command.dispatch(args)
 
 

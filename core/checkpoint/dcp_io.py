@@ -1,0 +1,265 @@
+"""What a checkpoint holds and how it moves: DCP save, async save, verified load, one-rank load.
+
+Everything saved is a tensor, so loading never unpickles objects: the model and optimizer state
+come from ``torch.distributed.checkpoint.state_dict`` (FQN-keyed, so DTensor / sharded state and a
+different parallel layout at load just work), and the small non-tensor parts (optimizer
+param_groups, the LR scheduler, the train state) are JSON or integers stored in tensors. RNG
+states are saved per rank under keys of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from nxdt.checkpoint.layout import MARKER, verify_files
+from nxdt.checkpoint.store import Store
+from nxdt.errors import NxdtError
+
+TRAIN_STATE = "nxdt.train_state"  # int64 [step, consumed_samples, skipped_nan_steps]
+SCHEDULER = "nxdt.scheduler"  # JSON of the LR scheduler's state_dict
+OPTIM_GROUPS = "nxdt.optim_param_groups"  # JSON of the optimizer's param_groups (FQN-keyed)
+
+
+def rng_key(rank: int, kind: str) -> str:
+    """The key of ``rank``'s RNG state of ``kind`` ("cpu" or "cuda")."""
+    return f"nxdt.rng.rank{rank}.{kind}"
+
+
+def json_tensor(obj: Any) -> torch.Tensor:
+    """``obj`` as UTF-8 JSON bytes in a uint8 tensor."""
+    text = json.dumps(obj, default=lambda v: v.item() if isinstance(v, torch.Tensor) else str(v))
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).clone()
+
+
+def tensor_json(t: torch.Tensor) -> Any:
+    """The object :func:`json_tensor` stored."""
+    return json.loads(bytes(t.to(torch.uint8).tolist()).decode())
+
+
+@dataclass
+class Groups:
+    """Process groups of checkpoint I/O; all None in a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    io: Any = None  # gloo group of all ranks: DCP's own collectives, off the training group
+    loaders: Any = None  # the ranks with data-parallel index 0 (load_from_one_dp_rank)
+    dp: Any = None  # this rank's data-parallel group
+    is_loader: bool = True
+    dp_src: int = 0  # global rank of this DP group's loader
+
+    @property
+    def distributed(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.world_size > 1
+
+
+def build_groups(trainer: Any) -> Groups:
+    """The checkpoint process groups of ``trainer``'s world (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Groups()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # A separate gloo group lets async saves run their collectives beside training's.
+    io = dist.new_group(backend="gloo")
+    mesh = trainer.mesh
+    names = list(mesh.mesh_dim_names)
+    dp_index = names.index("dp")
+    loader_ranks = sorted(mesh.mesh.select(dp_index, 0).flatten().tolist())
+    loaders = dist.new_group(ranks=loader_ranks, backend="gloo")
+    dp_group = mesh["dp"].get_group()
+    dp_src = dist.get_global_rank(dp_group, 0)
+    return Groups(rank, world, io, loaders, dp_group, rank in loader_ranks, dp_src)
+
+
+# -- save -------------------------------------------------------------------------------------
+def capture(trainer: Any, rank: int) -> tuple[dict[str, Any], bool]:
+    """The state dict of a checkpoint of ``trainer`` on this rank, and whether it holds optimizer state."""
+    module, optimizer = trainer.model.trainable_module, trainer.optimizer
+    # Before the first step the optimizer has no state; DCP's state_dict helper would create it by
+    # an lr=0 step, which advances Adam's step count, so a step-0 checkpoint holds weights only.
+    has_optim = bool(optimizer.state)
+    if has_optim:
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        state: dict[str, Any] = {"model": model_sd, "optim": {"state": optim_sd["state"]},
+                                 OPTIM_GROUPS: json_tensor(optim_sd["param_groups"])}
+    else:
+        state = {"model": get_model_state_dict(module)}
+    s = trainer.state
+    state[TRAIN_STATE] = torch.tensor([s.step, s.consumed_samples, s.skipped_nan_steps], dtype=torch.int64)
+    state[SCHEDULER] = json_tensor(trainer.scheduler.state_dict())
+    state[rng_key(rank, "cpu")] = torch.get_rng_state()
+    if torch.cuda.is_available() and trainer.world.device.type == "cuda":
+        state[rng_key(rank, "cuda")] = torch.cuda.get_rng_state(trainer.world.device)
+    return state, has_optim
+
+
+def save(state: dict[str, Any], writer: Any, groups: Groups, use_async: bool) -> Future | None:
+    """Write ``state`` with DCP; with ``use_async`` stage it to CPU and return the upload's future."""
+    kwargs: dict[str, Any] = {"storage_writer": writer}
+    if groups.distributed:
+        kwargs["process_group"] = groups.io
+    else:
+        kwargs["no_dist"] = True
+    if use_async:
+        return dcp.async_save(state, **kwargs)  # type: ignore[return-value]
+    dcp.save(state, **kwargs)
+    return None
+
+
+_RANK_FILE = re.compile(r"__(\d+)_")
+
+
+def own_file_digests(store: Store, name: str, rank: int) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of the files this rank wrote (rank 0 also takes the shared ones)."""
+    digests = {}
+    for rel, size in store.files(name).items():
+        m = _RANK_FILE.match(rel)
+        mine = int(m.group(1)) == rank if m else rank == 0
+        if mine and rel != MARKER and not rel.endswith(".tmp"):
+            digests[rel] = {"size": size, "sha256": store.sha256(name, rel)}
+    return digests
+
+
+# -- load -------------------------------------------------------------------------------------
+class _ByteCounter:
+    """Counts the tensor bytes a DCP StorageReader reads (metadata excluded)."""
+
+    def __init__(self, reader: Any):
+        self.bytes = 0
+        original = reader.read_data
+
+        def read_data(plan, planner):
+            self.bytes += sum(reader.storage_data[item.storage_index].length for item in plan.items)
+            return original(plan, planner)
+
+        reader.read_data = read_data
+
+
+@dataclass
+class LoadReport:
+    """What one rank's load did."""
+
+    bytes_read: int = 0
+    weights_only: bool = False
+
+
+def verify(store: Store, name: str, marker: dict[str, Any], groups: Groups) -> None:
+    """Check every listed file's size and SHA-256, the work split over ranks; raise naming the file."""
+    files = sorted(marker.get("files", {}))
+    problems = verify_files(store, name, marker, only=files[groups.rank :: groups.world_size])
+    if groups.distributed:
+        gathered: list[Any] = [None] * groups.world_size
+        dist.all_gather_object(gathered, problems, group=groups.io)
+        problems = [p for ps in gathered for p in ps]
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise NxdtError(problems[0] + more)
+
+
+def _dcp_load(state: dict[str, Any], store: Store, name: str, group: Any, counter: list[int]) -> None:
+    reader = store.reader(name)
+    count = _ByteCounter(reader)
+    if group is None:
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    else:
+        dcp.load(state, storage_reader=reader, process_group=group)
+    counter[0] += count.bytes
+
+
+def _metadata_keys(store: Store, name: str) -> dict[str, Any]:
+    return store.reader(name).read_metadata().state_dict_metadata
+
+
+def _empty_like_saved(meta: Any) -> torch.Tensor:
+    return torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+
+
+def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: Groups,
+         weights_only: bool = False, one_dp_rank: bool = False) -> LoadReport:
+    """Verify checkpoint ``name`` and load it into ``trainer`` (model, optimizer, schedule, RNG, state)."""
+    verify(store, name, marker, groups)
+    module, optimizer = trainer.model.trainable_module, trainer.optimizer
+    saved = _metadata_keys(store, name)
+    with_optim = not weights_only and bool(marker.get("has_optimizer", True))
+    counter = [0]
+    io = groups.io if groups.distributed else None
+
+    small_keys = [] if weights_only else [TRAIN_STATE, SCHEDULER, OPTIM_GROUPS if with_optim else None]
+    small_keys += [rng_key(groups.rank, k) for k in ("cpu", "cuda")] if not weights_only else []
+    small = {k: _empty_like_saved(saved[k]) for k in small_keys if k and k in saved}
+    if small or groups.distributed:  # every rank joins, even with nothing to read, DCP load is collective
+        _dcp_load(small, store, name, io, counter)
+
+    if with_optim:
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        big: dict[str, Any] = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+    else:
+        big = {"model": get_model_state_dict(module)}
+    if one_dp_rank and groups.distributed and dist.get_world_size(groups.dp) > 1:
+        if groups.is_loader:
+            loaders = groups.loaders if dist.get_world_size(groups.loaders) > 1 else None
+            _dcp_load(big, store, name, loaders, counter)
+        _broadcast_tensors(big, groups)
+    else:
+        _dcp_load(big, store, name, io, counter)
+
+    options = StateDictOptions(strict=True)
+    if with_optim:
+        groups_json = tensor_json(small[OPTIM_GROUPS])
+        set_state_dict(module, optimizer, model_state_dict=big["model"],
+                       optim_state_dict={"state": big["optim"]["state"], "param_groups": groups_json}, options=options)
+    else:
+        set_model_state_dict(module, big["model"], options=options)
+    if not weights_only:
+        _restore_scalars(trainer, small, groups.rank)
+    return LoadReport(counter[0], weights_only)
+
+
+def _restore_scalars(trainer: Any, small: dict[str, torch.Tensor], rank: int) -> None:
+    step, consumed, skipped = (int(v) for v in small[TRAIN_STATE].tolist())
+    trainer.state.step, trainer.state.consumed_samples, trainer.state.skipped_nan_steps = step, consumed, skipped
+    trainer.scheduler.load_state_dict(tensor_json(small[SCHEDULER]))
+    # A rank that did not exist in the saved layout keeps its seeded generator.
+    if rng_key(rank, "cpu") in small:
+        torch.set_rng_state(small[rng_key(rank, "cpu")])
+    if rng_key(rank, "cuda") in small and trainer.world.device.type == "cuda":
+        torch.cuda.set_rng_state(small[rng_key(rank, "cuda")], trainer.world.device)
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    if isinstance(tree, dict):
+        return [leaf for k in sorted(tree) for leaf in _leaves(tree[k], f"{prefix}{k}.")]
+    return [(prefix, tree)] if isinstance(tree, torch.Tensor) else []
+
+
+@torch.no_grad()
+def _broadcast_tensors(tree: dict[str, Any], groups: Groups) -> None:
+    """Send the loader's tensors to the rest of its DP group, in a key order every rank shares."""
+    for _, t in _leaves(tree):
+        local = t.to_local() if hasattr(t, "to_local") else t
+        dist.broadcast(local, src=groups.dp_src, group=groups.dp)
+
+
+def load_model_tensors(path_store: Store, name: str) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state dict of a checkpoint, in this process without any process group."""
+    saved = _metadata_keys(path_store, name)
+    state = {k[len("model."):]: _empty_like_saved(m) for k, m in saved.items()
+             if k.startswith("model.") and hasattr(m, "size")}
+    wrapped = {"model": state}
+    dcp.load(wrapped, storage_reader=path_store.reader(name), no_dist=True)
+    return wrapped["model"]

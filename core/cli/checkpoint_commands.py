@@ -1,0 +1,91 @@
+"""`nxdt checkpoints RUN_DIR` (list with step, completeness, size) and `nxdt export CKPT --to hf DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from nxdt.errors import NxdtError
+
+
+def add_parsers(sub: argparse._SubParsersAction, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register `checkpoints` and `export`."""
+    p = sub.add_parser("checkpoints", help="list a run's checkpoints: step, completeness, size")
+    p.add_argument("location", help="a run directory, a checkpoint root, or an s3:// checkpoint root")
+    add_common(p)
+    p = sub.add_parser("export", help="convert a checkpoint (any parallel layout) to a transformers directory")
+    p.add_argument("checkpoint", help="a checkpoint directory (local or s3://)")
+    p.add_argument("--to", choices=["hf"], default="hf", help="output format")
+    p.add_argument("out_dir", help="where to write config.json, *.safetensors and tokenizer files")
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors file (default 2)")
+    add_common(p)
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    """Run the command if it is one of these; None otherwise."""
+    if args.command == "checkpoints":
+        return cmd_checkpoints(args)
+    if args.command == "export":
+        return cmd_export(args)
+    return None
+
+
+def _root_of(location: str) -> str:
+    """A run directory's ``checkpoints/`` (or the checkpoint_dir its config names), else ``location``."""
+    if "://" in location:
+        return location
+    config = os.path.join(location, "config.yaml")
+    if os.path.isfile(config):
+        import yaml
+
+        em = (yaml.safe_load(open(config, encoding="utf-8")) or {}).get("exp_manager") or {}
+        return em.get("checkpoint_dir") or os.path.join(location, "checkpoints")
+    sub = os.path.join(location, "checkpoints")
+    return sub if os.path.isdir(sub) else location
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    """List checkpoints."""
+    from nxdt.checkpoint.layout import list_checkpoints
+    from nxdt.checkpoint.store import Store
+
+    root = _root_of(args.location)
+    infos = list_checkpoints(Store(root))
+    if args.json:
+        print(json.dumps({"root": root, "checkpoints": [i.as_dict() for i in infos]}, indent=2))
+        return 0
+    if not infos:
+        print(f"no checkpoints in {root}")
+        return 0
+    print(f"{'step':>8}  {'samples':>10}  {'complete':8}  {'size':>10}  name")
+    for i in infos:
+        step = "-" if i.step is None else str(i.step)
+        samples = "-" if i.consumed_samples is None else str(i.consumed_samples)
+        print(f"{step:>8}  {samples:>10}  {'yes' if i.complete else 'NO':8}  {_human(i.size_bytes):>10}  {i.name}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint to HF format."""
+    from nxdt.checkpoint.hf_export import export_hf
+
+    if args.max_shard_size <= 0:
+        raise NxdtError("--max-shard-size must be positive")
+    summary: dict[str, Any] = export_hf(args.checkpoint, args.out_dir, int(args.max_shard_size * (1 << 30)))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"exported step {summary['step']} ({summary['family']}, {summary['tensors']} tensors, "
+              f"{summary['shards']} safetensors file(s)) to {summary['out_dir']}")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
