@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from nxdt.config import (
     RunConfig,
     compose,

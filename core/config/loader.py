@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from nxdt.config.schema import RunConfig
-from nxdt.errors import ConfigError, suggest
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError
+
+from nxdt.config.schema import RunConfig
+from nxdt.errors import ConfigError, suggest
 
 
 def _multiply(*factors: Any) -> Any:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, Field, model_validator
+
 from nxdt.config.sections_base import Section, Str, backend_only
 from nxdt.config.sections_model import ModelSection
 from nxdt.config.sections_precision import PrecisionSection
-from pydantic import AfterValidator, Field, model_validator
 
 Count = Annotated[int, Field(ge=1)]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from nxdt.config.sections_base import Section, backend_only
 from pydantic import Field
+
+from nxdt.config.sections_base import Section, backend_only
 
 #: Architecture keys of ``model``: when set they override the preset / HF config.json values.
 ARCHITECTURE_KEYS: tuple[str, ...] = (

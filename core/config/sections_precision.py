@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from nxdt.config.sections_base import Section, Str, backend_only
 from pydantic import model_validator
+
+from nxdt.config.sections_base import Section, Str, backend_only
 
 Dtype = Literal["fp32", "bf16"]
 PrecisionType = Literal["fp32", "autocast", "bf16SR", "mixed_precision", "mixed_precisionSR", "manual"]
