@@ -206,7 +206,9 @@ class PluginHost:
 def _with_plugin(item: Any, plugin: str) -> Any:
     import dataclasses
 
-    return dataclasses.replace(item, plugin=plugin) if dataclasses.is_dataclass(item) else item
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return dataclasses.replace(item, plugin=plugin)
+    return item
 
 
 def _entry_points(only: Iterable[str] | None) -> list[EntryPoint]:

@@ -112,10 +112,11 @@ def retention_victims(infos: list[CheckpointInfo], keep: int, monitor: str = "st
         raise NxdtError(f"checkpoint_callback_params.monitor={monitor!r} is not supported; use 'step' or 'consumed_samples'")
     complete.sort(key=lambda i: getattr(i, monitor), reverse=(mode == "max"))
     victims = [i.name for i in complete[keep:]] if keep >= 0 else []
-    newest = max((i.step for i in complete), default=None)
+    newest = max((i.step for i in complete if i.step is not None), default=None)
     if newest is not None:
         for info in infos:
-            if not info.complete and _step_of_name(info.name) is not None and _step_of_name(info.name) < newest:
+            step = _step_of_name(info.name)
+            if not info.complete and step is not None and step < newest:
                 victims.append(info.name)
     return victims
 

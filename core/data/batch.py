@@ -18,20 +18,20 @@ IGNORE_INDEX = -100
 
 def causal_item(tokens: np.ndarray | Sequence[int], seq_length: int) -> dict[str, torch.Tensor]:
     """An item from ``seq_length + 1`` contiguous tokens: inputs are the first ``seq_length``."""
-    tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    if tokens.numel() != seq_length + 1:
-        raise ValueError(f"causal_item needs {seq_length + 1} tokens, got {tokens.numel()}")
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    if ids.numel() != seq_length + 1:
+        raise ValueError(f"causal_item needs {seq_length + 1} tokens, got {ids.numel()}")
     return {
-        "input_ids": tokens[:-1].clone(),
-        "labels": tokens[1:].clone(),
+        "input_ids": ids[:-1].clone(),
+        "labels": ids[1:].clone(),
         "position_ids": torch.arange(seq_length, dtype=torch.long),
     }
 
 
 def shift_labels(labels: np.ndarray | Sequence[int]) -> torch.Tensor:
     """Unshifted (Hugging Face convention) labels to nxdt's shifted ones: drop the first, pad the end."""
-    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    return torch.cat([labels[1:], torch.tensor([IGNORE_INDEX], dtype=torch.long)])
+    shifted = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return torch.cat([shifted[1:], torch.tensor([IGNORE_INDEX], dtype=torch.long)])
 
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:

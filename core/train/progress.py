@@ -38,7 +38,7 @@ class ProgressReporter:
         if not self.enabled:
             return
         stats = _format(metrics)
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         elif log_line:
             done = step - self._start
