@@ -98,24 +98,14 @@ def resolve(
 
 def architecture_config(spec: ModelSpec, config: RunConfig) -> Any:
     """The family's architecture config: HF config.json if given, then the NxDT ``model.*`` keys over it."""
-    keys: dict[str, Any] = {}
+    base = None
     hf_path = hf_config_path(config)
     if hf_path and Path(hf_path).is_file():
-        hf = json.loads(Path(hf_path).read_text())
-        base = spec.config_from_hf(hf)
-        keys = _nxdt_keys_of(spec, base)
-    keys.update(config.model.architecture_overrides())
+        base = spec.config_from_hf(json.loads(Path(hf_path).read_text()))
     try:
-        return spec.config_from_nxdt(keys)
+        return spec.config_from_nxdt(config.model.architecture_overrides(), base=base)
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"model: {exc}") from None
-
-
-def _nxdt_keys_of(spec: ModelSpec, arch: Any) -> dict[str, Any]:
-    """Express a family config as NxDT model keys (so YAML keys can be layered over config.json)."""
-    if spec.config_to_nxdt is None:
-        raise NxdtError(f"the {spec.family} family cannot layer model.* keys over config.json (no config_to_nxdt)")
-    return dict(spec.config_to_nxdt(arch))
 
 
 def hf_config_path(config: RunConfig) -> str | None:

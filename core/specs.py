@@ -91,8 +91,9 @@ class StateDictAdapter(Protocol):
 class ModelSpec:
     """Everything the engine needs to know about one model family.
 
-    ``config_from_nxdt`` receives the flat NxDT ``model`` section (num_layers, hidden_size, ...,
-    as a dict with unset keys absent) and returns the family's architecture config;
+    ``config_from_nxdt(model_section, base=None)`` receives the NxDT ``model`` keys that are set
+    (num_layers, hidden_size, ...) and returns the family's architecture config: ``base`` (a config
+    read from an HF config.json) with those keys applied, or the family defaults with them;
     ``config_from_hf`` / ``config_to_hf`` translate HF ``config.json`` dicts. ``build_model`` must
     work under ``torch.device("meta")``; ``init_weights(model, config)`` then fills real tensors.
     """
@@ -101,7 +102,7 @@ class ModelSpec:
     config_class: type
     build_model: Callable[[Any], nn.Module]
     init_weights: Callable[[nn.Module, Any], None]
-    config_from_nxdt: Callable[[Mapping[str, Any]], Any]
+    config_from_nxdt: Callable[..., Any]
     config_from_hf: Callable[[Mapping[str, Any]], Any]
     config_to_hf: Callable[[Any], dict[str, Any]]
     shard_plan: Callable[[Any, ParallelDims], ShardPlan]
@@ -117,8 +118,6 @@ class ModelSpec:
     peft_targets: Mapping[str, Sequence[str]] = field(default_factory=dict)
     #: module classes that ``activations_checkpoint_recompute`` may name, e.g. CoreAttention
     recompute_modules: Mapping[str, type] = field(default_factory=dict)
-    #: the inverse of ``config_from_nxdt``: lets YAML ``model.*`` keys layer over an HF config.json
-    config_to_nxdt: Callable[[Any], dict[str, Any]] | None = None
     #: counts only the parameters a token uses (MoE); None means all parameters are active
     active_parameters: Callable[[Any], int] | None = None
     plugin: str = ""

@@ -46,5 +46,6 @@ def build_optimizer(model: nn.Module, optim_cfg: Any, do_layer_norm_weight_decay
     if on_cuda and not is_dtensor:
         kwargs["fused"] = True
     else:
-        kwargs["foreach"] = True
+        # foreach kernels do not take lists mixing DTensor (TP-sharded) and plain (replicated) parameters.
+        kwargs["foreach"] = not is_dtensor
     return torch.optim.AdamW(groups, **kwargs)

@@ -85,7 +85,7 @@ class Trainer:
         )
         self.data = build_data(self)
         optim_cfg = self.cfg.model.optim
-        self.optimizer = build_optimizer(self.model.trainable_module, optim_cfg, self.cfg.model.do_layer_norm_weight_decay)
+        self.optimizer = self.model.build_optimizer(build_optimizer, optim_cfg, self.cfg.model.do_layer_norm_weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg.sched, optim_cfg.lr, self.max_steps)
         self.logger = MetricsLogger(
             self.run_dir, enabled=self.world.is_main, tensorboard=bool(self.cfg.exp_manager.create_tensorboard_logger)
@@ -131,9 +131,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.world.device)
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with model.no_sync(not last), self._autocast():
+            with model.no_sync(not last), self._autocast(), model.loss_parallel():
                 logits = model(mb["input_ids"], mb.get("position_ids"))
-                mb_loss, _ = self.loss_fn(logits, mb)
+                mb_loss, _ = model.compute_loss(self.loss_fn, logits, mb)
                 aux = model.auxiliary_loss()
                 (mb_loss * scale + (aux if aux is not None else 0.0)).backward()
             loss_sum += mb_loss.detach().float()
@@ -163,9 +163,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.world.device)
         tokens = torch.zeros((), device=self.world.device)
         for mb in batches:
-            with self._autocast():
+            with self._autocast(), self.model.loss_parallel():
                 logits = self.model(mb["input_ids"], mb.get("position_ids"))
-                mb_loss, n = self.loss_fn(logits, mb)
+                mb_loss, n = self.model.compute_loss(self.loss_fn, logits, mb)
             loss_sum += mb_loss.float()
             tokens += n
         self.model.train()
@@ -178,6 +178,7 @@ class Trainer:
         self.setup()
         result = TrainResult(run_dir=str(self.run_dir))
         self.checkpointer.maybe_resume()
+        baseline = self._evaluate() if self.state.step == 0 else {}
         max_steps = self.max_steps
         log_every = max(1, self.cfg.trainer.log_every_n_steps or 1)
         val_every = self.cfg.trainer.val_check_interval
@@ -220,7 +221,7 @@ class Trainer:
         finally:
             progress.close()
             self.checkpointer.close()
-        result.metrics = self._final_metrics(result, progress)
+        result.metrics = self._final_metrics(baseline, progress)
         self.logger.close()
         return result
 
@@ -246,15 +247,18 @@ class Trainer:
         for line in self.data.report():
             progress.print(line)
 
-    def _final_metrics(self, result: TrainResult, progress: ProgressReporter) -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
-        if self.run.recipe is not None and self.run.recipe.evaluate is not None:
-            metrics = self.run.recipe.evaluate(self) or {}
-            if metrics:
-                self.logger.log(self.state.step, metrics)
-                progress.print("final: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        return metrics
+    def _evaluate(self) -> dict[str, float]:
+        recipe = self.run.recipe
+        return (recipe.evaluate(self) or {}) if recipe is not None and recipe.evaluate is not None else {}
 
+    def _final_metrics(self, baseline: dict[str, float], progress: ProgressReporter) -> dict[str, Any]:
+        """The recipe's task metrics after training, beside the same metrics before it."""
+        metrics: dict[str, Any] = dict(self._evaluate())
+        metrics.update({f"{k}_before_training": v for k, v in baseline.items()})
+        if metrics:
+            self.logger.log(self.state.step, metrics)
+            progress.print("task metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        return metrics
 
 def _peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of known accelerators (FLOP/s); None where unknown (CPU)."""

@@ -6,6 +6,7 @@ Both sides use the rotate_half RoPE layout, so weights only change names, except
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -130,8 +131,8 @@ def state_dict_adapter(cfg: LlamaConfig) -> LlamaStateDictAdapter:
     return LlamaStateDictAdapter(cfg)
 
 
-def config_from_nxdt(model_section: Mapping[str, Any]) -> LlamaConfig:
-    """LlamaConfig from an NxDT ``model`` section; absent keys keep the LlamaConfig defaults."""
+def config_from_nxdt(model_section: Mapping[str, Any], base: LlamaConfig | None = None) -> LlamaConfig:
+    """LlamaConfig from NxDT ``model`` keys; absent keys keep ``base`` (e.g. from config.json) or the defaults."""
     keys = {
         "vocab_size": "vocab_size",
         "hidden_size": "hidden_size",
@@ -151,6 +152,10 @@ def config_from_nxdt(model_section: Mapping[str, Any]) -> LlamaConfig:
     kwargs = {ours: model_section[nxdt] for nxdt, ours in keys.items() if model_section.get(nxdt) is not None}
     if isinstance(kwargs.get("rope_scaling"), Mapping):
         kwargs["rope_scaling"] = dict(kwargs["rope_scaling"])
+    if base is not None:
+        if {"hidden_size", "num_attention_heads"} & kwargs.keys():
+            kwargs["head_dim"] = None  # re-derived from the new shape
+        return dataclasses.replace(base, **kwargs)
     return LlamaConfig(**kwargs)
 
 

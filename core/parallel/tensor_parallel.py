@@ -1,0 +1,94 @@
+"""Tensor and sequence parallelism: a family's ShardPlan (plain data) mapped onto DTensor styles.
+
+Without sequence parallelism activations between blocks are replicated over the TP group; with it
+the residual stream stays sharded along the sequence (dim 1) and is all-gathered only where a
+block needs the whole sequence (attention, MLP), the layout torchtitan's Llama plan uses. The
+output layer keeps logits sharded over the vocabulary (a DTensor ``Shard(-1)``) so cross-entropy
+runs under ``loss_parallel`` and full logits are never gathered.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from nxdt.errors import ConfigError
+from nxdt.specs import ShardPlan
+
+
+def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
+    """The DTensor style of one plan entry; None for ``replicate`` (plain tensors stay whole)."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    if style == "colwise":
+        return ColwiseParallel()
+    if style == "rowwise":
+        return RowwiseParallel(output_layouts=seq)
+    if style == "embedding":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if style == "lm_head":
+        return ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
+    if style == "sequence_norm":
+        return SequenceParallel() if sequence_parallel else None
+    if style == "replicate":
+        return None
+    raise ConfigError(f"shard plan style {style!r} is not a tensor-parallel style (expert styles belong to EP)")
+
+
+def _block_inputs(model: nn.Module, plan: dict[str, str]) -> dict[str, ParallelStyle]:
+    """Under SP, all-gather the sequence at the entry of every module whose children are colwise.
+
+    A colwise child (attention's wq, the MLP's w1) needs the whole sequence; its parent module is
+    where the sequence-sharded residual enters, so that parent gets a PrepareModuleInput that turns
+    the first positional input from Shard(1) into Replicate and leaves the rest (rope tables, mask) alone.
+    """
+    parents: dict[str, ParallelStyle] = {}
+    names = [name for name, _ in model.named_modules()]
+    colwise = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g, s in plan.items() if s == "colwise")]
+    for child in colwise:
+        parent = child.rpartition(".")[0]
+        if not parent or parent in parents:
+            continue
+        n_inputs = _positional_inputs(model.get_submodule(parent))
+        parents[parent] = PrepareModuleInput(
+            input_layouts=(Shard(1),) + (None,) * (n_inputs - 1),
+            desired_input_layouts=(Replicate(),) + (None,) * (n_inputs - 1),
+        )
+    return parents
+
+
+def _positional_inputs(module: nn.Module) -> int:
+    import inspect
+
+    params = inspect.signature(module.forward).parameters.values()
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def apply_tensor_parallel(model: nn.Module, plan: ShardPlan, tp_mesh: Any, sequence_parallel: bool) -> None:
+    """Shard ``model`` in place over the 1-D ``tp_mesh`` following ``plan``'s FQN globs."""
+    rules = plan.as_dict(sequence_parallel)
+    module_plan: dict[str, ParallelStyle] = {}
+    for name, _ in model.named_modules():
+        if not name:
+            continue
+        matches = [style for glob, style in rules.items() if fnmatch.fnmatchcase(name, glob)]
+        if len(set(matches)) > 1:
+            raise ConfigError(f"shard plan: module {name!r} matches rules of different styles {sorted(set(matches))}")
+        if matches and (style := _style(matches[0], sequence_parallel)) is not None:
+            module_plan[name] = style
+    unmatched = [g for g in rules if not any(fnmatch.fnmatchcase(n, g) for n, _ in model.named_modules())]
+    if unmatched:
+        raise ConfigError(f"shard plan rules {unmatched} match no module of the model")
+    if sequence_parallel:
+        module_plan.update(_block_inputs(model, rules))
+    parallelize_module(model, tp_mesh, module_plan)

@@ -1,0 +1,230 @@
+"""ZeRO-1 and master weights: AdamW over flat, DP-sharded copies of the parameters.
+
+Each optimizer parameter group's rank-local parameter tensors (the local shards of DTensor
+parameters under TP) are laid end to end in one flat buffer, padded to a multiple of the DP size.
+DP rank ``d`` owns the slice ``[d * n / dp, (d + 1) * n / dp)``: it keeps the optimizer state, and
+the master copy, of that slice only. A step is: gradients averaged over DP (all-reduce, then
+each rank takes its slice; NCCL would use reduce-scatter, gloo has none), AdamW on the slice
+computed in fp32, then the updated slices all-gathered and copied back into the parameters.
+
+Without ``zero1`` the same class keeps fp32 master weights (``mixed_precision``) or bf16 weights
+with stochastic rounding (``bf16SR``), with one DP shard holding everything.
+
+Checkpoint representation (for ``torch.distributed.checkpoint``): plain per-rank state. The
+optimizer's ``state_dict()`` holds, per group, the flat ``exp_avg``/``exp_avg_sq`` of this rank's
+slice and the master slice (``master``); :meth:`FlatShardedAdamW.layout` maps every parameter FQN
+to ``(group, offset, numel, local shape)`` in the unsharded flat buffer, so a loader can rebuild
+per-FQN tensors (DCP keys should include the DP and TP rank, as each rank's slice is distinct).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nxdt.parallel.grad_norm import align_grad_, local_tensor
+from nxdt.parallel.precision import torch_dtype, write_rounded_
+
+
+@dataclass
+class FlatGroup:
+    """One optimizer group's parameters and where each lives in the flat buffer."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    offsets: list[int]
+    numel: int  # padded to a multiple of the DP size
+    shard_start: int
+    shard_numel: int
+    grad_acc: torch.Tensor | None = None  # fp32 accumulation buffer (fp32_grad_acc)
+
+
+class FlatShardedAdamW(torch.optim.Optimizer):
+    """AdamW whose parameters are flat slices owned by this DP rank (ZeRO-1, master weights, SR)."""
+
+    def __init__(
+        self,
+        named_groups: list[dict[str, Any]],
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        precision: Any,
+        dp_mesh: Any = None,
+        seed: int = 0,
+    ):
+        self.dp_group = dp_mesh.get_group() if dp_mesh is not None and dp_mesh.size() > 1 else None
+        self.dp = dp_mesh.size() if self.dp_group is not None else 1
+        self.dp_rank = dp_mesh.get_local_rank() if self.dp_group is not None else 0
+        self.precision = precision
+        self.state_dtype = torch_dtype(precision.optimizer_state_dtype)
+        self.seed = seed
+        self.flat_groups: list[FlatGroup] = []
+        torch_groups = []
+        for g in named_groups:
+            flat = self._layout(g["names"], g["params"])
+            master_dtype = torch.float32 if precision.master_weights else flat.params[0].dtype
+            full = self._flatten([local_tensor(p.detach()) for p in flat.params], flat, torch.float32)
+            shard = full[flat.shard_start : flat.shard_start + flat.shard_numel].to(master_dtype).clone()
+            if precision.fp32_grad_acc:
+                flat.grad_acc = torch.zeros(flat.numel, dtype=torch.float32, device=shard.device)
+            self.flat_groups.append(flat)
+            torch_groups.append({"params": [shard], "weight_decay": g["weight_decay"]})
+        super().__init__(torch_groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+        if precision.fp32_grad_acc:
+            self._install_fp32_accumulation()
+
+    # -- layout --------------------------------------------------------------------------------
+    def _layout(self, names: list[str], params: list[torch.Tensor]) -> FlatGroup:
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += local_tensor(p).numel()
+        padded = math.ceil(total / self.dp) * self.dp if total else self.dp
+        shard = padded // self.dp
+        return FlatGroup(list(names), list(params), offsets, padded, self.dp_rank * shard, shard)
+
+    @staticmethod
+    def _flatten(tensors: list[torch.Tensor | None], flat: FlatGroup, dtype: torch.dtype) -> torch.Tensor:
+        device = flat.params[0].device if flat.params else "cpu"
+        out = torch.zeros(flat.numel, dtype=dtype, device=device)
+        for t, off in zip(tensors, flat.offsets):
+            if t is not None:
+                out[off : off + t.numel()] = t.reshape(-1)
+        return out
+
+    def layout(self) -> dict[str, tuple[int, int, int, tuple[int, ...]]]:
+        """FQN -> (group index, offset in the unsharded flat buffer, numel, local shape)."""
+        out = {}
+        for gi, flat in enumerate(self.flat_groups):
+            for name, p, off in zip(flat.names, flat.params, flat.offsets):
+                local = local_tensor(p)
+                out[name] = (gi, off, local.numel(), tuple(local.shape))
+        return out
+
+    # -- gradients -----------------------------------------------------------------------------
+    def _install_fp32_accumulation(self) -> None:
+        # bf16 .grad would round every micro-batch's contribution; fold each into fp32 and drop it.
+        for flat in self.flat_groups:
+            for p, off in zip(flat.params, flat.offsets):
+                n = local_tensor(p).numel()
+
+                def fold(param: torch.Tensor, acc=flat.grad_acc, off=off, n=n) -> None:
+                    acc[off : off + n] += local_tensor(align_grad_(param)).reshape(-1).float()
+                    param.grad = None
+
+                p.register_post_accumulate_grad_hook(fold)
+
+    def local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Writable rank-local gradients of ``params`` (views into the fp32 accumulators when used)."""
+        where = {id(p): (flat, off) for flat in self.flat_groups for p, off in zip(flat.params, flat.offsets)}
+        out = []
+        for p in params:
+            flat, off = where[id(p)]
+            local = local_tensor(p)
+            if flat.grad_acc is not None:
+                out.append(flat.grad_acc[off : off + local.numel()].view_as(local))
+            elif p.grad is not None:
+                out.append(local_tensor(p.grad))
+        return out
+
+    def flat_like(self, values: dict[int, float]) -> list[torch.Tensor]:
+        """Per group, this rank's slice of a flat vector holding ``values[id(param)]`` per element (0 in padding)."""
+        out = []
+        for flat in self.flat_groups:
+            full = torch.zeros(flat.numel, dtype=torch.float32, device=flat.params[0].device if flat.params else "cpu")
+            for p, off in zip(flat.params, flat.offsets):
+                full[off : off + local_tensor(p).numel()] = values[id(p)]
+            out.append(full[flat.shard_start : flat.shard_start + flat.shard_numel])
+        return out
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Average the accumulated gradients over DP and give each shard its slice as ``.grad``."""
+        for flat, group in zip(self.flat_groups, self.param_groups):
+            if flat.grad_acc is not None:
+                full = flat.grad_acc
+            else:
+                grads = [local_tensor(p.grad) if p.grad is not None else None for p in flat.params]
+                full = self._flatten(grads, flat, torch.float32)
+            if self.dp_group is not None:
+                dist.all_reduce(full, group=self.dp_group)
+                full = full / self.dp
+            shard = group["params"][0]
+            # A bf16 shard (bf16SR without master weights) takes a bf16 gradient, as torch requires.
+            shard.grad = full[flat.shard_start : flat.shard_start + flat.shard_numel].to(shard.dtype, copy=True)
+
+    def shard_grads(self) -> list[torch.Tensor]:
+        """This rank's gradient slices (one per group)."""
+        return [g["params"][0].grad for g in self.param_groups if g["params"][0].grad is not None]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the shards' and the model parameters' gradients and the fp32 accumulators."""
+        super().zero_grad(set_to_none=set_to_none)
+        for flat in self.flat_groups:
+            for p in flat.params:
+                p.grad = None
+            if flat.grad_acc is not None:
+                flat.grad_acc.zero_()
+
+    # -- the update ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """AdamW (torch's formulation) on the shards in fp32, then all-gather into the parameters."""
+        first = self.param_groups[0]["params"][0]
+        step = int(self.state[first]["step"]) if first in self.state else 0
+        # Shard updates draw per DP rank; TP peers share a DP rank, so TP-replicated values round
+        # alike. The gathered copy-back draws one stream for all ranks, keeping DP replicas equal.
+        generator = self._generator(first.device, step, self.dp_rank)
+        gather_generator = self._generator(first.device, step, -1)
+        for group in self.param_groups:
+            shard = group["params"][0]
+            if shard.grad is None:
+                continue
+            beta1, beta2 = group["betas"]
+            state = self.state[shard]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(shard, dtype=self.state_dtype)
+                state["exp_avg_sq"] = torch.zeros_like(shard, dtype=self.state_dtype)
+            state["step"] += 1
+            t = state["step"]
+            grad = shard.grad.float()
+            p = shard.float()
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+            exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+            p.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**t))
+            sr = self.precision.stochastic_rounding
+            write_rounded_(shard, p, sr, generator)
+            write_rounded_(state["exp_avg"], exp_avg, sr, generator)
+            write_rounded_(state["exp_avg_sq"], exp_avg_sq, sr, generator)
+        self._gather_into_params(gather_generator)
+
+    def _generator(self, device: torch.device, step: int, stream: int) -> torch.Generator | None:
+        if not self.precision.stochastic_rounding:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.seed * 1_000_003 + step * 1009 + stream) % (2**63))
+        return generator
+
+    @torch.no_grad()
+    def _gather_into_params(self, generator: torch.Generator | None) -> None:
+        for flat, group in zip(self.flat_groups, self.param_groups):
+            shard = group["params"][0].float()
+            if self.dp_group is not None:
+                pieces = [torch.empty_like(shard) for _ in range(self.dp)]
+                dist.all_gather(pieces, shard, group=self.dp_group)
+                full = torch.cat(pieces)
+            else:
+                full = shard
+            for p, off in zip(flat.params, flat.offsets):
+                local = local_tensor(p)
+                src = full[off : off + local.numel()].view_as(local)
+                # Master weights round into bf16 parameters here (stochastically for *SR modes).
+                write_rounded_(local, src, self.precision.stochastic_rounding and self.precision.master_weights, generator)
