@@ -170,3 +170,10 @@ def test_nxdt_yaml_dry_run(target):
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     assert plan["family"] == "llama" and plan["recipe"] == "sft" and plan["layout"]["tp"] == 32
+
+
+def test_model_that_will_not_fit_is_refused_before_loading(tmp_path):
+    res = nxdt_run(tmp_path / "big", "llama3.1-405b", "--recipe", "pretrain", "distributed_strategy.tensor_model_parallel_size=1",
+                   "distributed_strategy.pipeline_model_parallel_size=1", "trainer.max_steps=1", check=False, timeout=120)
+    assert res.returncode != 0
+    assert "will not fit" in res.stderr and "405,853,388,800" in res.stderr and "Traceback" not in res.stderr

@@ -21,6 +21,7 @@ from nxdt.parallel.world import World, build_mesh
 from nxdt.plugin_host import PluginHost, get_host
 from nxdt.resolve import ResolvedRun
 from nxdt.train.exp_manager import MetricsLogger, run_directory
+from nxdt.train.fit_check import check_model_fits
 from nxdt.train.optim import build_optimizer
 from nxdt.train.progress import ProgressReporter
 from nxdt.train.schedules import build_scheduler
@@ -77,6 +78,7 @@ class Trainer:
 
         torch.manual_seed(self.cfg.seed)
         self.precision = self.cfg.precision.resolved(self.cfg.model.optim.name)
+        check_model_fits(self)  # before any weight is allocated
         with torch.device("meta"):
             model = self.host.build_model(self.run.spec, self.run.arch)
         self.model = parallelize(model, self)
