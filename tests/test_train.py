@@ -177,3 +177,13 @@ def test_model_that_will_not_fit_is_refused_before_loading(tmp_path):
                    "distributed_strategy.pipeline_model_parallel_size=1", "trainer.max_steps=1", check=False, timeout=120)
     assert res.returncode != 0
     assert "will not fit" in res.stderr and "405,853,388,800" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sft_evaluation_under_tensor_and_sequence_parallelism(tmp_path):
+    """Exact-match generation runs with TP=2 + SP, whose sequence lengths must divide by TP."""
+    run_dir = tmp_path / "tp_sp"
+    nxdt_run(run_dir, "llama3-tiny", "--recipe", "sft", *TINY, "--nproc-per-node", "2", "trainer.max_steps=2",
+             "distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.sequence_parallel=true",
+             "trainer.val_check_interval=0")
+    final = metrics(run_dir)[-1]
+    assert "task/exact_match" in final and "task/exact_match_before_training" in final

@@ -19,8 +19,14 @@ def _full(logits: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], device: torch.device) -> list[str]:
-    """Greedy continuations up to EOS, batching prompts of equal token length (no padding needed)."""
+def greedy_answers(
+    model: Any, tokenizer: Any, prompts: list[str], device: torch.device, length_multiple: int = 1
+) -> list[str]:
+    """Greedy continuations up to EOS, batching prompts of equal token length.
+
+    Sequence parallelism needs lengths divisible by the TP size (``length_multiple``); inputs are
+    right-padded to it, which leaves earlier positions untouched under causal attention.
+    """
     from nxdt.data.sft import prompt_ids
 
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
@@ -33,7 +39,9 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], device: torch
         done = torch.zeros(len(indices), dtype=torch.bool, device=device)
         generated = []
         for _ in range(MAX_NEW_TOKENS):
-            token = _full(model(batch))[:, -1].argmax(-1)
+            length = batch.shape[1]
+            padded = torch.nn.functional.pad(batch, (0, -length % length_multiple), value=tokenizer.pad_id)
+            token = _full(model(padded))[:, length - 1].argmax(-1)
             done |= token == tokenizer.eos_id
             generated.append(torch.where(done, tokenizer.eos_id, token))
             if bool(done.all()):
@@ -46,9 +54,11 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[str], device: torch
     return answers
 
 
-def exact_match(model: Any, tokenizer: Any, rows: list[tuple[str, str]], device: torch.device) -> float:
+def exact_match(
+    model: Any, tokenizer: Any, rows: list[tuple[str, str]], device: torch.device, length_multiple: int = 1
+) -> float:
     """Share of ``rows`` whose greedy answer equals the reference answer."""
-    answers = greedy_answers(model, tokenizer, [p for p, _ in rows], device)
+    answers = greedy_answers(model, tokenizer, [p for p, _ in rows], device, length_multiple)
     return sum(a == ref.strip() for a, (_, ref) in zip(answers, rows)) / max(1, len(rows))
 
 
@@ -81,6 +91,7 @@ def sft_exact_match(trainer: Any) -> dict[str, float]:
         return {}
     model, tokenizer, device = trainer.model, trainer.data.tokenizer, trainer.world.device
     model.eval()
-    score = exact_match(model, tokenizer, rows, device)
+    multiple = trainer.parallel.tp if trainer.parallel.sequence_parallel else 1
+    score = exact_match(model, tokenizer, rows, device, multiple)
     model.train()
     return {"task/exact_match": score}
