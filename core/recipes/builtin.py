@@ -10,34 +10,28 @@ from nxdt.specs import DatasetSpec, LossSpec, RecipeSpec
 
 CAUSAL_FAMILIES = ("llama", "gpt", "mixtral")
 
-PRETRAIN_DEFAULTS = {
-    "trainer": {"max_steps": 200, "log_every_n_steps": 10, "val_check_interval": 50, "limit_val_batches": 4, "gradient_clip_val": 1.0},
-    "data": {"micro_batch_size": 8, "global_batch_size": 32},
-    "model": {
-        "optim": {
-            "name": "adamw",
-            "lr": 3e-3,
-            "weight_decay": 0.01,
-            "betas": [0.9, 0.95],
-            "sched": {"name": "CosineAnnealing", "warmup_steps": 20, "constant_steps": 0, "min_lr": 3e-4},
-        }
-    },
-}
 
-SFT_DEFAULTS = {
-    "trainer": {"max_steps": 250, "log_every_n_steps": 10, "val_check_interval": 50, "limit_val_batches": 4, "gradient_clip_val": 1.0},
-    "data": {"micro_batch_size": 16, "global_batch_size": 32},
-    "model_alignment_strategy": {"sft": {"packing": True}},
-    "model": {
-        "optim": {
-            "name": "adamw",
-            "lr": 3e-3,
-            "weight_decay": 0.01,
-            "betas": [0.9, 0.95],
-            "sched": {"name": "CosineAnnealing", "warmup_steps": 20, "constant_steps": 0, "min_lr": 3e-4},
-        }
-    },
-}
+def _defaults(lr: float, warmup_steps: int, **extra: dict) -> dict:
+    """Recipe defaults for full-size models; the tiny presets carry their own in hub_registry.toml."""
+    return {
+        "trainer": {"max_steps": 1000, "log_every_n_steps": 10, "val_check_interval": 100, "limit_val_batches": 8,
+                    "gradient_clip_val": 1.0},
+        "data": {"micro_batch_size": 1, "global_batch_size": 32},
+        "model": {
+            "optim": {
+                "name": "adamw",
+                "lr": lr,
+                "weight_decay": 0.01,
+                "betas": [0.9, 0.95],
+                "sched": {"name": "CosineAnnealing", "warmup_steps": warmup_steps, "constant_steps": 0, "min_lr": lr / 10},
+            }
+        },
+        **extra,
+    }
+
+
+PRETRAIN_DEFAULTS = _defaults(lr=3e-4, warmup_steps=100)
+SFT_DEFAULTS = _defaults(lr=2e-5, warmup_steps=10, model_alignment_strategy={"sft": {"packing": True}})
 
 
 @hookimpl
