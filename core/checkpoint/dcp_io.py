@@ -1,10 +1,11 @@
 """What a checkpoint holds and how it moves: DCP save, async save, verified load, one-rank load.
 
 Everything saved is a tensor, so loading never unpickles objects: the model and optimizer state
-come from ``torch.distributed.checkpoint.state_dict`` (FQN-keyed, so DTensor / sharded state and a
-different parallel layout at load just work), and the small non-tensor parts (optimizer
-param_groups, the LR scheduler, the train state) are JSON or integers stored in tensors. RNG
-states are saved per rank under keys of their own.
+are layout-independent (``nxdt.checkpoint.portable``: single-device FQNs and shapes, each KV head
+once, per-FQN optimizer state whether AdamW or the flat ZeRO-1 AdamW kept it), so any DP/TP
+layout loads what another saved; the small non-tensor parts (optimizer hyperparameters, the LR
+scheduler, the train state) are JSON or integers stored in tensors. RNG states are saved per rank
+under keys of their own.
 """
 
 from __future__ import annotations
@@ -18,21 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 from nxdt.checkpoint.layout import MARKER, verify_files
+from nxdt.checkpoint.portable import PortableState
 from nxdt.checkpoint.store import Store
 from nxdt.errors import NxdtError
 
 TRAIN_STATE = "nxdt.train_state"  # int64 [step, consumed_samples, skipped_nan_steps]
 SCHEDULER = "nxdt.scheduler"  # JSON of the LR scheduler's state_dict
-OPTIM_GROUPS = "nxdt.optim_param_groups"  # JSON of the optimizer's param_groups (FQN-keyed)
+OPTIM_GROUPS = "nxdt.optim_param_groups"  # JSON of the optimizer's param_groups' hyperparameters
 
 
 def rng_key(rank: int, kind: str) -> str:
@@ -89,16 +84,15 @@ def build_groups(trainer: Any) -> Groups:
 # -- save -------------------------------------------------------------------------------------
 def capture(trainer: Any, rank: int) -> tuple[dict[str, Any], bool]:
     """The state dict of a checkpoint of ``trainer`` on this rank, and whether it holds optimizer state."""
-    module, optimizer = trainer.model.trainable_module, trainer.optimizer
-    # Before the first step the optimizer has no state; DCP's state_dict helper would create it by
-    # an lr=0 step, which advances Adam's step count, so a step-0 checkpoint holds weights only.
+    optimizer = trainer.optimizer
+    portable = PortableState(trainer.model)
+    # Before the first step the optimizer has no state: a step-0 checkpoint holds weights only.
     has_optim = bool(optimizer.state)
+    state: dict[str, Any] = {"model": portable.model_state()}
     if has_optim:
-        model_sd, optim_sd = get_state_dict(module, optimizer)
-        state: dict[str, Any] = {"model": model_sd, "optim": {"state": optim_sd["state"]},
-                                 OPTIM_GROUPS: json_tensor(optim_sd["param_groups"])}
-    else:
-        state = {"model": get_model_state_dict(module)}
+        state["optim"] = {"state": portable.optim_state(optimizer)}
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        state[OPTIM_GROUPS] = json_tensor(hyper)
     s = trainer.state
     state[TRAIN_STATE] = torch.tensor([s.step, s.consumed_samples, s.skipped_nan_steps], dtype=torch.int64)
     state[SCHEDULER] = json_tensor(trainer.scheduler.state_dict())
@@ -193,7 +187,8 @@ def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: 
          weights_only: bool = False, one_dp_rank: bool = False) -> LoadReport:
     """Verify checkpoint ``name`` and load it into ``trainer`` (model, optimizer, schedule, RNG, state)."""
     verify(store, name, marker, groups)
-    module, optimizer = trainer.model.trainable_module, trainer.optimizer
+    optimizer = trainer.optimizer
+    portable = PortableState(trainer.model)
     saved = _metadata_keys(store, name)
     with_optim = not weights_only and bool(marker.get("has_optimizer", True))
     counter = [0]
@@ -205,11 +200,9 @@ def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: 
     if small or groups.distributed:  # every rank joins, even with nothing to read, DCP load is collective
         _dcp_load(small, store, name, io, counter)
 
+    big: dict[str, Any] = {"model": portable.model_targets()}
     if with_optim:
-        model_sd, optim_sd = get_state_dict(module, optimizer)
-        big: dict[str, Any] = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
-    else:
-        big = {"model": get_model_state_dict(module)}
+        big["optim"] = {"state": portable.optim_targets(optimizer, saved)}
     if one_dp_rank and groups.distributed and dist.get_world_size(groups.dp) > 1:
         if groups.is_loader:
             loaders = groups.loaders if dist.get_world_size(groups.loaders) > 1 else None
@@ -218,16 +211,26 @@ def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: 
     else:
         _dcp_load(big, store, name, io, counter)
 
-    options = StateDictOptions(strict=True)
+    portable.load_model(big["model"])
     if with_optim:
-        groups_json = tensor_json(small[OPTIM_GROUPS])
-        set_state_dict(module, optimizer, model_state_dict=big["model"],
-                       optim_state_dict={"state": big["optim"]["state"], "param_groups": groups_json}, options=options)
-    else:
-        set_model_state_dict(module, big["model"], options=options)
+        portable.load_optim(optimizer, big["optim"]["state"])
+        _restore_learning_rates(optimizer, tensor_json(small[OPTIM_GROUPS]))
     if not weights_only:
         _restore_scalars(trainer, small, groups.rank)
     return LoadReport(counter[0], weights_only)
+
+
+def _restore_learning_rates(optimizer: Any, saved_groups: list[dict[str, Any]]) -> None:
+    """The saved groups' current learning rates (the scheduler sets them only after the next step).
+
+    Other hyperparameters come from the run's config, so a layout with another optimizer class
+    (flat ZeRO-1 AdamW or torch's) loads the same checkpoint.
+    """
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise NxdtError(f"checkpoint has {len(saved_groups)} optimizer parameter groups, this run "
+                        f"{len(optimizer.param_groups)}; weight-decay settings must match to resume")
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        group["lr"] = saved["lr"]
 
 
 def _restore_scalars(trainer: Any, small: dict[str, torch.Tensor], rank: int) -> None:

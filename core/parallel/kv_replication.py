@@ -6,7 +6,7 @@ so copies of one head are adjacent) before sharding, until ``kv_heads * r`` divi
 Query head ``i`` still meets a copy of its original KV head ``i // (heads / kv_heads)``. The copies
 must stay identical: their gradients are summed and every copy receives the sum, which is exactly
 the gradient of the single shared head. Checkpoints and HF exports hold each KV head once
-(:func:`unreplicate_kv`).
+(:func:`unreplicate_kv`); loading under another TP size repeats them again (:func:`replicate_kv`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,13 @@ def unreplicate_kv(full: torch.Tensor, num_kv_heads: int, replicas: int) -> torc
     if replicas == 1:
         return full
     return full.unflatten(0, (num_kv_heads, replicas, -1))[:, 0].flatten(0, 1)
+
+
+def replicate_kv(full: torch.Tensor, num_kv_heads: int, replicas: int) -> torch.Tensor:
+    """The replicated weight or bias from an unreplicated one (the inverse of :func:`unreplicate_kv`)."""
+    if replicas == 1:
+        return full
+    return full.unflatten(0, (num_kv_heads, -1)).repeat_interleave(replicas, dim=0).flatten(0, 1)
 
 
 @torch.no_grad()

@@ -10,11 +10,12 @@ computed in fp32, then the updated slices all-gathered and copied back into the 
 Without ``zero1`` the same class keeps fp32 master weights (``mixed_precision``) or bf16 weights
 with stochastic rounding (``bf16SR``), with one DP shard holding everything.
 
-Checkpoint representation (for ``torch.distributed.checkpoint``): plain per-rank state. The
-optimizer's ``state_dict()`` holds, per group, the flat ``exp_avg``/``exp_avg_sq`` of this rank's
-slice and the master slice (``master``); :meth:`FlatShardedAdamW.layout` maps every parameter FQN
-to ``(group, offset, numel, local shape)`` in the unsharded flat buffer, so a loader can rebuild
-per-FQN tensors (DCP keys should include the DP and TP rank, as each rank's slice is distinct).
+Checkpoints: :meth:`FlatShardedAdamW.export_state` turns the flat slices into per-FQN tensors
+shaped like each parameter's rank-local (TP) shard (``exp_avg``, ``exp_avg_sq``, the fp32
+``master`` with master weights, ``step``), gathering the DP slices; :meth:`import_state` takes such
+tensors back, copying only this rank's slice. nxdt.checkpoint.portable saves them under
+single-device FQNs, so any DP/TP size or optimizer can load them. :meth:`layout` maps every FQN to
+``(group, offset, numel, local shape)`` in the unsharded flat buffer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch.distributed as dist
 
 from nxdt.parallel.grad_norm import align_grad_, local_tensor
 from nxdt.parallel.precision import torch_dtype, write_rounded_
+
+#: the per-element AdamW state of each flat slice
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -105,6 +109,66 @@ class FlatShardedAdamW(torch.optim.Optimizer):
                 local = local_tensor(p)
                 out[name] = (gi, off, local.numel(), tuple(local.shape))
         return out
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    @torch.no_grad()
+    def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per FQN: rank-local ``exp_avg``, ``exp_avg_sq``, ``master`` (with master weights) and ``step`` (a DP collective)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for flat, group in zip(self.flat_groups, self.param_groups):
+            shard = group["params"][0]
+            state = self.state.get(shard, {})
+            buffers = {k: state[k] for k in STATE_KEYS if k in state}
+            if self.precision.master_weights:
+                buffers["master"] = shard
+            full = {k: self._gather(v) for k, v in buffers.items()}
+            for name, p, off in zip(flat.names, flat.params, flat.offsets):
+                local = local_tensor(p)
+                entry = {k: v[off : off + local.numel()].view_as(local).clone() for k, v in full.items()}
+                if "step" in state:
+                    entry["step"] = torch.tensor(float(state["step"]))
+                out[name] = entry
+        return out
+
+    def _gather(self, shard: torch.Tensor) -> torch.Tensor:
+        if self.dp_group is None:
+            return shard
+        pieces = [torch.empty_like(shard) for _ in range(self.dp)]
+        dist.all_gather(pieces, shard, group=self.dp_group)
+        return torch.cat(pieces)
+
+    @torch.no_grad()
+    def import_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take per-FQN rank-local tensors (as :meth:`export_state` gives) into this rank's slices.
+
+        Without a ``master`` entry the parameters' current values are the master (so load the
+        model first); without ``exp_avg`` the moments start at zero.
+        """
+        for flat, group in zip(self.flat_groups, self.param_groups):
+            shard = group["params"][0]
+            lo, hi = flat.shard_start, flat.shard_start + flat.shard_numel
+            state: dict[str, Any] = {}
+            steps = {float(states[n]["step"]) for n in flat.names if "step" in states[n]}
+            if steps:
+                state["step"] = int(max(steps))
+            for key in STATE_KEYS:
+                if all(key in states[n] for n in flat.names):
+                    state[key] = torch.zeros_like(shard, dtype=self.state_dtype)
+            # An empty entry would read as "has optimizer state" to the checkpointer.
+            self.state.pop(shard, None)
+            if state:
+                self.state[shard] = state
+            for name, p, off in zip(flat.names, flat.params, flat.offsets):
+                # The part of this parameter inside [lo, hi), in the flat buffer's coordinates.
+                a, b = max(off, lo), min(off + local_tensor(p).numel(), hi)
+                if a >= b:
+                    continue
+                entry = states[name]
+                master = entry["master"] if self.precision.master_weights and "master" in entry else local_tensor(p)
+                shard[a - lo : b - lo] = master.reshape(-1)[a - off : b - off]
+                for key in STATE_KEYS:
+                    if key in state:
+                        state[key][a - lo : b - lo] = entry[key].reshape(-1)[a - off : b - off]
 
     # -- gradients -----------------------------------------------------------------------------
     def _install_fp32_accumulation(self) -> None:

@@ -1,0 +1,58 @@
+"""Saves and loads checkpoints across parallel layouts inside one torchrun process group.
+
+``torchrun --nproc-per-node 4 tests/checkpoint_driver.py OUT_DIR [JOB ...] -- OVERRIDE ...``
+
+Jobs run in order in the same process group (start-up paid once); a job that resumes names the
+job whose step-4 checkpoint it loads. Rank 0 writes ``OUT_DIR/<job>.json`` with the job's losses
+and its run directory. tests/test_checkpoint_layouts.py compares them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DP2_TP2_ZERO1 = ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.zero1=true"]
+SAVE_EVERY_4 = ["exp_manager.checkpoint_callback_params.every_n_train_steps=4",
+                "exp_manager.checkpoint_callback_params.save_top_k=-1"]
+MIXED = ["precision.type=mixed_precision"]
+#: job -> (overrides on top of the shared ones, the job whose step-4 checkpoint it resumes from)
+JOBS: dict[str, tuple[list[str], str | None]] = {
+    "ref": ([*DP2_TP2_ZERO1, *SAVE_EVERY_4], None),
+    "to_dp4_zero1": (["distributed_strategy.zero1=true"], "ref"),
+    "to_tp4_kv2": (["distributed_strategy.tensor_model_parallel_size=4"], "ref"),
+    "mixed_ref": ([*DP2_TP2_ZERO1, *MIXED, *SAVE_EVERY_4], None),
+    "mixed_resume": ([*DP2_TP2_ZERO1, *MIXED], "mixed_ref"),
+    "kv1": ([*DP2_TP2_ZERO1, "model.num_kv_heads=1", *SAVE_EVERY_4], None),
+}
+STEP4 = "checkpoints/nxdt--step=4-consumed_samples=32"
+
+
+def main(argv: list[str]) -> None:
+    """Run the jobs named in ``argv`` (all by default) and write their losses."""
+    import torch
+
+    from nxdt.parallel.world import init_world
+    from nxdt.resolve import resolve
+    from nxdt.train.trainer import Trainer
+
+    sep = argv.index("--") if "--" in argv else len(argv)
+    out_dir, names, shared = Path(argv[0]), argv[1:sep] or list(JOBS), argv[sep + 1 :]
+    world = init_world()
+    for name in names:
+        overrides, source = JOBS[name]
+        run_dir = out_dir / "runs" / name
+        resume = [f"exp_manager.resume_from_checkpoint={out_dir / 'runs' / source / STEP4}"] if source else []
+        torch.manual_seed(0)
+        trainer = Trainer(resolve("llama3-tiny", "sft", [*shared, *overrides, *resume,
+                                                          f"exp_manager.explicit_log_dir={run_dir}"]), world)
+        result = trainer.fit()
+        if world.rank == 0:
+            (out_dir / f"{name}.json").write_text(json.dumps({"losses": result.losses, "run_dir": str(run_dir)}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
