@@ -83,6 +83,9 @@ class DistributedStrategySection(Section):
     tensor_model_parallel_size: Count = 1
     pipeline_model_parallel_size: Count = 1
     virtual_pipeline_model_parallel_size: Count = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    # a torch.distributed.pipelining schedule name (1F1B, Interleaved1F1B, GPipe, InterleavedZeroBubble, ...);
+    # None: Interleaved1F1B with virtual stages, else 1F1B
+    pipeline_schedule: str | None = None
     context_parallel_size: Count = 1
     expert_model_parallel_size: Count = 1
     zero1: bool = False  # shard optimizer state over data parallel ranks

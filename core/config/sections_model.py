@@ -134,7 +134,7 @@ class ModelSection(Section):
     fuse_gate_up: bool | None = None
     moe: MoeSection | None = None
 
-    pipeline_cuts: list[str] | None = None  # module names that start a new pipeline stage
+    pipeline_cuts: list[str] | None = None  # the last layer of each stage but the final one (NxD semantics)
     use_cpu_initialization: bool = False
     weight_init_only: bool = False  # load only weights from resume_from_checkpoint, not optimizer state
     activations_checkpoint_granularity: Literal["selective", "full"] | None = None

@@ -1,7 +1,7 @@
 """Applies a run's parallelism to a model built on the meta device, in a fixed order.
 
 Order: materialize (init or HF weights, identical on every rank from the run seed) -> parameter
-dtype -> KV-head replication -> tensor/sequence parallel from the family's shard plan ->
+dtype -> pipeline split (each rank keeps its stages' blocks) -> KV-head replication -> tensor/sequence parallel from the family's shard plan ->
 activation checkpointing -> data parallel (DDP for plain DP; explicit gradient sync for TP and
 ZeRO-1 layouts, whose DTensor parameters DDP does not accept). Each step reads plain data (the
 shard plan, the distributed_strategy, the resolved precision); the model stays single-device code.
@@ -25,8 +25,8 @@ def parallelize(model: nn.Module, trainer: Any) -> ParallelModel:
     """Materialize, cast, replicate KV heads, shard, checkpoint-wrap and DP-wrap ``model`` for ``trainer``'s run."""
     run, parallel, world, mesh = trainer.run, trainer.parallel, trainer.world, trainer.mesh
     cfg = trainer.cfg
-    if parallel.pp > 1 or parallel.cp > 1:
-        raise NotImplementedError("pipeline and context parallelism are not available in this build; set their sizes to 1")
+    if parallel.cp > 1:
+        raise NotImplementedError("context parallelism is not available in this build; set its size to 1")
     precision = cfg.precision.resolved(cfg.model.optim.name)
     materialize(model, run, world.device, cfg.seed)
     param_dtype = torch_dtype(precision.param_dtype)
@@ -34,9 +34,15 @@ def parallelize(model: nn.Module, trainer: Any) -> ParallelModel:
         # Parameters only: buffers such as RoPE tables keep their precision.
         for param in model.parameters():
             param.data = param.data.to(param_dtype)
+    pipeline = None
+    if parallel.pp > 1:
+        from nxdt.parallel.pipeline import plan_pipeline, prune_to_rank
+
+        pipeline = plan_pipeline(model, run, parallel, mesh, cfg)
+        prune_to_rank(model, pipeline)
     kv = None
     if parallel.tp > 1:
-        kv = _shard(model, run, parallel, mesh["tp"])
+        kv = _shard(model, run, parallel, mesh["tp"], partial=pipeline is not None)
     from nxdt.parallel.activation_checkpoint import apply_activation_checkpointing
 
     blocks = run.spec.pipeline_blocks(run.arch) if run.spec.pipeline_blocks else []
@@ -50,7 +56,8 @@ def parallelize(model: nn.Module, trainer: Any) -> ParallelModel:
     zero1 = bool(cfg.distributed_strategy.zero1)
     flat_optimizer = zero1 or precision.param_dtype != "fp32"
     ddp = None
-    if parallel.dp > 1 and parallel.tp == 1 and not flat_optimizer:
+    # Pipeline schedules run backward themselves, past DDP's hooks: their gradients sync explicitly.
+    if parallel.dp > 1 and parallel.tp == 1 and not flat_optimizer and pipeline is None:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(
@@ -60,21 +67,30 @@ def parallelize(model: nn.Module, trainer: Any) -> ParallelModel:
             # the loop never leaves parameters unused; finding them costs a graph walk per step
             find_unused_parameters=False,
         )
-    return ParallelModel(
-        model,
-        ddp=ddp,
-        mesh=mesh,
-        parallel=parallel,
-        precision=precision,
-        zero1=zero1,
-        flat_optimizer=flat_optimizer,
-        kv=kv,
-        seed=cfg.seed,
+    common = dict(
+        mesh=mesh, parallel=parallel, precision=precision, zero1=zero1, flat_optimizer=flat_optimizer, kv=kv, seed=cfg.seed
     )
+    if pipeline is not None:
+        from nxdt.parallel.pipeline import PipelineModel
+
+        return PipelineModel(
+            model,
+            pipeline,
+            schedule=cfg.distributed_strategy.pipeline_schedule,
+            n_microbatches=trainer.grad_accum,
+            device=world.device,
+            **common,
+        )
+    return ParallelModel(model, ddp=ddp, **common)
 
 
-def _shard(model: nn.Module, run: Any, parallel: Any, tp_mesh: Any) -> tuple[list[str], int, int] | None:
-    """Replicate KV heads as needed, then apply the TP/SP plan; returns (KV param names, heads, replicas)."""
+def _shard(
+    model: nn.Module, run: Any, parallel: Any, tp_mesh: Any, partial: bool = False
+) -> tuple[list[str], int, int] | None:
+    """Replicate KV heads as needed, then apply the TP/SP plan; returns (KV param names, heads, replicas).
+
+    ``partial``: ``model`` is one pipeline rank's part, so plan rules may match none of its modules.
+    """
     from nxdt.parallel.kv_replication import kv_replication_factor, replicate_kv_
     from nxdt.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -93,7 +109,7 @@ def _shard(model: nn.Module, run: Any, parallel: Any, tp_mesh: Any) -> tuple[lis
         replicas = kv_replication_factor(kv_heads, heads, parallel.tp, parallel.kv_replicator)
         names = replicate_kv_(model, tuple(plan.kv_projections), kv_heads, replicas)
         kv = (names, kv_heads, replicas) if names else None
-    apply_tensor_parallel(model, plan, tp_mesh, parallel.sequence_parallel)
+    apply_tensor_parallel(model, plan, tp_mesh, parallel.sequence_parallel, partial=partial)
     return kv
 
 

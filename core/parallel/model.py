@@ -46,6 +46,8 @@ class ParallelModel:
         self.dp_mesh = mesh["dp"] if mesh is not None and self.dp > 1 else None
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
         self.tp_group = self.tp_mesh.get_group() if self.tp_mesh is not None else None
+        # Set by pipelined layouts: each pipeline rank holds other parameters, so norms sum over it.
+        self.pp_group: Any = None
         self.precision = precision
         self.zero1 = zero1
         self.flat_optimizer = flat_optimizer
@@ -67,6 +69,35 @@ class ParallelModel:
         """Logits of ``input_ids`` (a vocabulary-sharded DTensor under TP)."""
         runner = self.ddp if self.ddp is not None else self.trainable_module
         return runner(input_ids, position_ids)
+
+    def forward_backward(
+        self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float, autocast: Any
+    ) -> torch.Tensor:
+        """Forward and backward of each micro-batch, the loss scaled by ``scale``; returns the loss sum."""
+        loss_sum = torch.zeros((), device=micro_batches[0]["input_ids"].device)
+        for i, mb in enumerate(micro_batches):
+            with self.no_sync(i < len(micro_batches) - 1), autocast(), self.loss_parallel():
+                logits = self(mb["input_ids"], mb.get("position_ids"))
+                mb_loss, _ = self.compute_loss(loss_fn, logits, mb)
+                aux = self.auxiliary_loss()
+                (mb_loss * scale + (aux if aux is not None else 0.0)).backward()
+            loss_sum += mb_loss.detach().float()
+        return loss_sum
+
+    @torch.no_grad()
+    def forward_loss(
+        self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, autocast: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward-only (loss sum, token count) over ``micro_batches``."""
+        loss_sum = torch.zeros((), device=micro_batches[0]["input_ids"].device)
+        tokens = torch.zeros((), device=loss_sum.device)
+        for mb in micro_batches:
+            with autocast(), self.loss_parallel():
+                logits = self(mb["input_ids"], mb.get("position_ids"))
+                mb_loss, n = self.compute_loss(loss_fn, logits, mb)
+            loss_sum += mb_loss.float()
+            tokens += n
+        return loss_sum, tokens
 
     def loss_parallel(self):
         """Context for the loss forward *and* backward: cross-entropy on vocabulary-sharded logits."""
@@ -157,12 +188,12 @@ class ParallelModel:
         if self.flat_optimizer:
             grads = self.optimizer.shard_grads()
             sq = grad_norm.weighted_sq_sum(grads, self._norm_weight_shards[: len(grads)])
-            groups = [self.dp_group if self.zero1 else None, self.tp_group]
+            groups = [self.dp_group if self.zero1 else None, self.tp_group, self.pp_group]
         else:
             params = [p for p in self.trainable_module.parameters() if p.grad is not None]
             grads = [local_tensor(p.grad) for p in params]
             sq = grad_norm.weighted_sq_sum(grads, [self.norm_weight[id(p)] for p in params])
-            groups = [self.tp_group]
+            groups = [self.tp_group, self.pp_group]
         total = grad_norm.reduce_norm(sq, groups)
         grad_norm.clip_(grads, total, max_norm)
         return total
@@ -174,7 +205,7 @@ class ParallelModel:
         if not params:
             return 0.0
         sq = grad_norm.weighted_sq_sum([local_tensor(p) for p in params], [self.norm_weight[id(p)] for p in params])
-        return grad_norm.reduce_norm(sq, [self.tp_group])
+        return grad_norm.reduce_norm(sq, [self.tp_group, self.pp_group])
 
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Nothing left to do: the flat optimizer gathers parameters inside its own step."""

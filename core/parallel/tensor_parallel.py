@@ -74,8 +74,13 @@ def _positional_inputs(module: nn.Module) -> int:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
-def apply_tensor_parallel(model: nn.Module, plan: ShardPlan, tp_mesh: Any, sequence_parallel: bool) -> None:
-    """Shard ``model`` in place over the 1-D ``tp_mesh`` following ``plan``'s FQN globs."""
+def apply_tensor_parallel(
+    model: nn.Module, plan: ShardPlan, tp_mesh: Any, sequence_parallel: bool, partial: bool = False
+) -> None:
+    """Shard ``model`` in place over the 1-D ``tp_mesh`` following ``plan``'s FQN globs.
+
+    ``partial`` (a pipeline rank's part of the model) allows rules that match no module here.
+    """
     rules = plan.as_dict(sequence_parallel)
     module_plan: dict[str, ParallelStyle] = {}
     for name, _ in model.named_modules():
@@ -87,7 +92,7 @@ def apply_tensor_parallel(model: nn.Module, plan: ShardPlan, tp_mesh: Any, seque
         if matches and (style := _style(matches[0], sequence_parallel)) is not None:
             module_plan[name] = style
     unmatched = [g for g in rules if not any(fnmatch.fnmatchcase(n, g) for n, _ in model.named_modules())]
-    if unmatched:
+    if unmatched and not partial:
         raise ConfigError(f"shard plan rules {unmatched} match no module of the model")
     if sequence_parallel:
         module_plan.update(_block_inputs(model, rules))

@@ -8,6 +8,7 @@ loss and the gradients are the same whatever the data-parallel size and accumula
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from nxdt.train.fit_check import check_model_fits
 from nxdt.train.optim import build_optimizer
 from nxdt.train.progress import ProgressReporter
 from nxdt.train.schedules import build_scheduler
+
+logger = logging.getLogger("nxdt.train")
 
 
 @dataclass
@@ -130,15 +133,7 @@ class Trainer:
             raise NxdtError(f"step {self.state.step + 1}: the global batch has no target tokens (all labels masked)")
         # DDP averages gradients over DP ranks; multiplying by dp makes that average a global sum.
         scale = self.parallel.dp / global_tokens
-        loss_sum = torch.zeros((), device=self.world.device)
-        for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with model.no_sync(not last), self._autocast(), model.loss_parallel():
-                logits = model(mb["input_ids"], mb.get("position_ids"))
-                mb_loss, _ = model.compute_loss(self.loss_fn, logits, mb)
-                aux = model.auxiliary_loss()
-                (mb_loss * scale + (aux if aux is not None else 0.0)).backward()
-            loss_sum += mb_loss.detach().float()
+        loss_sum = model.forward_backward(micro_batches, self.loss_fn, scale, self._autocast)
         loss = self._all_reduce_dp(loss_sum).item() / global_tokens
         metrics: dict[str, float] = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
         if not math.isfinite(loss):
@@ -162,14 +157,7 @@ class Trainer:
         if batches is None:
             return None
         self.model.eval()
-        loss_sum = torch.zeros((), device=self.world.device)
-        tokens = torch.zeros((), device=self.world.device)
-        for mb in batches:
-            with self._autocast(), self.model.loss_parallel():
-                logits = self.model(mb["input_ids"], mb.get("position_ids"))
-                mb_loss, n = self.model.compute_loss(self.loss_fn, logits, mb)
-            loss_sum += mb_loss.float()
-            tokens += n
+        loss_sum, tokens = self.model.forward_loss(batches, self.loss_fn, self._autocast)
         self.model.train()
         pair = self._all_reduce_dp(torch.stack([loss_sum, tokens.float()]))
         return (pair[0] / pair[1].clamp_min(1)).item()
@@ -251,6 +239,11 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         recipe = self.run.recipe
+        if recipe is not None and recipe.evaluate is not None and self.parallel.pp > 1:
+            # Task metrics generate token by token through the whole model, which no pipeline rank holds.
+            if self.world.is_main:
+                logger.warning("%s task metrics are skipped under pipeline parallelism (pp=%d)", recipe.name, self.parallel.pp)
+            return {}
         return (recipe.evaluate(self) or {}) if recipe is not None and recipe.evaluate is not None else {}
 
     def _final_metrics(self, baseline: dict[str, float], progress: ProgressReporter) -> dict[str, Any]:

@@ -1,0 +1,345 @@
+"""Pipeline parallelism on ``torch.distributed.pipelining``: stage split, stage modules and schedules.
+
+Every rank materializes the whole model (as apply.py does for all layouts), then keeps only the
+blocks of its own stages: the *rank module*, whose parameter names stay those of the
+single-device model, so the optimizer, ZeRO-1, norms and checkpoints see ordinary FQNs. Each
+local stage is a shallow *view* of the rank module that drops the blocks of the rank's other
+stages (interleaved schedules give a rank several). Top-level modules with parameters registered
+before the block container (embeddings) live on the first stage, those after it (final norm, LM
+head) on the last; parameterless ones (RoPE tables) on every stage. The family's ``forward`` must
+pass hidden states through where such a module is None.
+
+Stage ``s`` runs on pipeline rank ``s % pp`` (the loop placement the interleaved schedules
+expect), so the first stage sits on pipeline rank 0 and the last on rank ``pp - 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+from nxdt.errors import ConfigError, NxdtError
+from nxdt.parallel.grad_norm import align_grad_
+from nxdt.parallel.model import ParallelModel
+
+#: pipeline cost of the input embedding and of the LM head, in decoder layers (torchtitan's default)
+EMBEDDING_COST = 1
+HEAD_COST = 1
+#: schedules that place stage s and its mirror 2 * pp - 1 - s on one rank, unlike nxdt's loop placement
+V_SCHEDULES = ("zbvzerobubble", "dualpipev")
+
+
+# -- the split -------------------------------------------------------------------------------------
+def split_blocks(blocks: Sequence[str], n_stages: int, cuts: Sequence[str] | None = None) -> list[list[str]]:
+    """The blocks of each stage: after each of ``cuts`` (NxDT semantics), else balanced by cost."""
+    blocks = list(blocks)
+    if len(blocks) < n_stages:
+        raise ConfigError(
+            f"pipeline: {len(blocks)} layers cannot fill {n_stages} stages (pipeline_model_parallel_size x "
+            f"virtual_pipeline_model_parallel_size); every stage needs at least one layer"
+        )
+    if cuts:
+        ends = [_cut_index(blocks, cut) for cut in cuts]
+        if len(ends) != n_stages - 1:
+            raise ConfigError(
+                f"model.pipeline_cuts: {len(ends)} cuts make {len(ends) + 1} stages, but the layout has "
+                f"{n_stages} (pipeline_model_parallel_size x virtual_pipeline_model_parallel_size); give {n_stages - 1}"
+            )
+        if ends != sorted(set(ends)) or ends[-1] >= len(blocks) - 1:
+            raise ConfigError(
+                f"model.pipeline_cuts {list(cuts)}: cuts must name strictly increasing layers before the last "
+                f"({blocks[-1]}); each names the last layer of its stage"
+            )
+    else:
+        ends = _balanced_ends(len(blocks), n_stages)
+    starts = [0, *(e + 1 for e in ends)]
+    return [blocks[a:b] for a, b in zip(starts, [*starts[1:], len(blocks)])]
+
+
+def _cut_index(blocks: list[str], cut: str) -> int:
+    """Position of ``cut`` in ``blocks``; NxDT's HF names (``model.layers.18``) map to nxdt's (``layers.18``)."""
+    for name in (cut, cut.removeprefix("model.")):
+        if name in blocks:
+            return blocks.index(name)
+    raise ConfigError(f"model.pipeline_cuts: {cut!r} names no layer; layers are {blocks[0]} .. {blocks[-1]}")
+
+
+def _balanced_ends(n_layers: int, n_stages: int) -> list[int]:
+    """Last layer index of each stage but the last, minimising the costliest stage (ties: earlier cuts)."""
+
+    def cost(stage: int, first: int, last: int) -> int:
+        extra = (EMBEDDING_COST if stage == 0 else 0) + (HEAD_COST if stage == n_stages - 1 else 0)
+        return last - first + 1 + extra
+
+    # Contiguous min-max partition by dynamic programming: (stage, its last layer) -> (worst cost, cuts).
+    table: dict[tuple[int, int], tuple[int, list[int]]] = {}
+    for end in range(n_layers):
+        table[(0, end)] = (cost(0, 0, end), [])
+    for stage in range(1, n_stages):
+        for end in range(stage, n_layers):
+            options = []
+            for prev in range(stage - 1, end):
+                if (stage - 1, prev) in table:
+                    worst, ends = table[(stage - 1, prev)]
+                    options.append((max(worst, cost(stage, prev + 1, end)), [*ends, prev]))
+            if options:
+                table[(stage, end)] = min(options, key=lambda o: o[0])
+    return table[(n_stages - 1, n_layers - 1)][1]
+
+
+# -- stage modules ---------------------------------------------------------------------------------
+def _placement(model: nn.Module, blocks: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    """(block container name, top-level modules of the first stage, those of the last stage)."""
+    container = blocks[0].split(".")[0]
+    if not all(b.split(".")[0] == container and b.count(".") == 1 for b in blocks):
+        raise ConfigError(f"pipeline: blocks {blocks[:2]}... must be the children of one top-level container")
+    if not isinstance(getattr(model, container), nn.ModuleDict):
+        raise ConfigError(
+            f"pipeline: {type(model).__name__}.{container} must be an nn.ModuleDict so stages keep layer names"
+        )
+    names = [n for n, _ in model.named_children()]
+    at = names.index(container)
+    owned = [n for n in names if n != container and any(True for _ in getattr(model, n).parameters())]
+    return container, [n for n in owned if names.index(n) < at], [n for n in owned if names.index(n) > at]
+
+
+def _view(model: nn.Module, container: str, keep: Sequence[str], drop_top: Sequence[str]) -> nn.Module:
+    """``model`` with only the blocks ``keep`` and the top-level modules ``drop_top`` set to None.
+
+    A view shares every submodule and parameter with ``model``; only the root and the block
+    container are new objects, so pruning the view leaves ``model`` whole.
+    """
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    kept = {b.split(".", 1)[1] for b in keep}
+    blocks = getattr(model, container)
+    setattr(view, container, nn.ModuleDict({k: m for k, m in blocks.items() if k in kept}))
+    for name in drop_top:
+        setattr(view, name, None)
+    return view
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Which blocks each stage runs, which stages this rank holds, and what sits on the end stages."""
+
+    layout: list[list[str]]
+    stage_ids: list[int]
+    container: str
+    first_only: list[str]
+    last_only: list[str]
+    tied: list[str]
+
+    @property
+    def n_stages(self) -> int:
+        """Stages over the whole pipeline (pipeline ranks x virtual stages)."""
+        return len(self.layout)
+
+
+def prune_to_rank(model: nn.Module, plan: StagePlan) -> None:
+    """Delete from ``model`` the blocks and end-stage modules of stages this rank does not hold."""
+    mine = {b for s in plan.stage_ids for b in plan.layout[s]}
+    holder = getattr(model, plan.container)
+    for key in [k for k in holder if f"{plan.container}.{k}" not in mine]:
+        del holder[key]
+    if 0 not in plan.stage_ids:
+        for name in plan.first_only:
+            setattr(model, name, None)
+    if plan.n_stages - 1 not in plan.stage_ids:
+        for name in plan.last_only:
+            setattr(model, name, None)
+
+
+def stage_views(model: nn.Module, plan: StagePlan) -> list[nn.Module]:
+    """One view of the (pruned, sharded, wrapped) rank module per local stage."""
+    views = []
+    for s in plan.stage_ids:
+        drop = [*(plan.first_only if s != 0 else []), *(plan.last_only if s != plan.n_stages - 1 else [])]
+        views.append(_view(model, plan.container, plan.layout[s], drop))
+    return views
+
+
+# -- the pipelined model ---------------------------------------------------------------------------
+def schedule_class(name: str | None, virtual: int) -> type:
+    """The torch schedule called ``name``; Interleaved1F1B with virtual stages, else 1F1B."""
+    name = name or ("Interleaved1F1B" if virtual > 1 else "1F1B")
+    try:
+        cls = get_schedule_class(name)
+    except ValueError as exc:
+        raise ConfigError(f"distributed_strategy.pipeline_schedule: {exc}") from exc
+    if name.lower() in V_SCHEDULES:
+        raise ConfigError(
+            f"distributed_strategy.pipeline_schedule={name} needs V-shaped stage placement; nxdt places stages "
+            "in a loop (stage s on pipeline rank s % pp): use Interleaved1F1B, InterleavedZeroBubble, 1F1B or GPipe"
+        )
+    if issubclass(cls, PipelineScheduleSingle) and virtual > 1:
+        raise ConfigError(
+            f"distributed_strategy.pipeline_schedule={name} runs one stage per rank, but "
+            f"virtual_pipeline_model_parallel_size={virtual}; pick a multi-stage schedule such as Interleaved1F1B"
+        )
+    return cls
+
+
+class PipelineModel(ParallelModel):
+    """A ParallelModel whose forward and backward run through a torch pipeline schedule."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        plan: StagePlan,
+        *,
+        schedule: str | None,
+        n_microbatches: int,
+        device: torch.device,
+        **kwargs: Any,
+    ):
+        super().__init__(module, None, **kwargs)
+        parallel = kwargs["parallel"]
+        self.pp = parallel.pp
+        self.pp_mesh = self.mesh["pp"]
+        self.pp_group = self.pp_mesh.get_group()
+        self.has_last = plan.n_stages - 1 in plan.stage_ids
+        self.stages = [
+            PipelineStage(view, s, plan.n_stages, device, group=self.pp_group)
+            for view, s in zip(stage_views(module, plan), plan.stage_ids)
+        ]
+        cls = schedule_class(schedule, parallel.vpp)
+        first = self.stages[0] if issubclass(cls, PipelineScheduleSingle) else self.stages
+        # Our loss is already divided by the global token count: the schedule must not rescale.
+        self.schedule = cls(first, n_microbatches, loss_fn=self._stage_loss, scale_grads=False)
+        self.n_microbatches = n_microbatches
+        self._step: dict[str, Any] = {}
+        self.tied_params, self.tie_group = self._tie(module, plan.tied)
+
+    # -- tied input and output embeddings ------------------------------------------------------
+    def _tie(self, module: nn.Module, tied: list[str]) -> tuple[list[torch.Tensor], Any]:
+        """This rank's halves of tied parameters and the group of first and last pipeline ranks."""
+        if not tied:
+            return [], None
+        mesh = self.mesh.mesh  # ranks laid out (pp, dp, cp, tp)
+        group = None
+        # new_group is collective over the world: every rank creates every pair in the same order.
+        for coord in itertools.product(*(range(n) for n in mesh.shape[1:])):
+            ranks = sorted({int(mesh[(0, *coord)]), int(mesh[(-1, *coord)])})
+            g = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                group = g
+        params = dict(module.named_parameters(remove_duplicate=False))
+        mine = [params[n] for n in tied if n in params]
+        for p in mine:
+            # The first and the last stage each hold a copy: count it once in norms.
+            self.norm_weight[id(p)] *= 0.5
+        return mine, group
+
+    @torch.no_grad()
+    def finalize_gradients(self) -> None:
+        """Sum the tied embedding's gradient over its two stages, then sync as any layout does."""
+        if self.tie_group is not None and self.tied_params:
+            for p in self.tied_params:
+                align_grad_(p)
+            for g in self._local_grads(self.tied_params):
+                dist.all_reduce(g, group=self.tie_group)
+        super().finalize_gradients()
+
+    # -- forward, backward and loss ------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Not available: under pipeline parallelism no rank holds the whole model."""
+        raise NxdtError("pipeline parallelism: the whole-model forward is unavailable; use forward_backward/forward_loss")
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """No auxiliary loss crosses pipeline stages."""
+        return None
+
+    def _stage_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The schedule's per-micro-batch loss: the token sum scaled like train_step scales it."""
+        loss, n = self.compute_loss(self._step["loss_fn"], logits, {"labels": labels})
+        self._step["pairs"].append(torch.stack([loss.detach().float(), n.float()]))
+        return loss * self._step["scale"]
+
+    def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float, train: bool) -> torch.Tensor:
+        """One schedule pass over ``micro_batches``; (loss sum, tokens) summed onto every pipeline rank."""
+        extra = set(micro_batches[0]) - {"input_ids", "position_ids", "labels"}
+        if extra:
+            raise NxdtError(f"pipeline parallelism: the loss sees only labels, but the batch also carries {sorted(extra)}")
+        input_ids = torch.cat([mb["input_ids"] for mb in micro_batches])
+        labels = torch.cat([mb["labels"] for mb in micro_batches])
+        if micro_batches[0].get("position_ids") is not None:
+            position_ids = torch.cat([mb["position_ids"] for mb in micro_batches])
+        else:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        self._step = {"loss_fn": loss_fn, "scale": scale, "pairs": []}
+        run = self.schedule.step if train else self.schedule.eval
+        with self.loss_parallel():
+            # Keyword inputs reach every stage (positional ones only the first): RoPE needs the positions.
+            run(input_ids, position_ids=position_ids, target=labels, return_outputs=False)
+        # The schedule's first step also calls the loss on placeholder activations to infer
+        # gradient shapes; the micro-batches' own losses are the last n_microbatches calls.
+        pairs = self._step["pairs"][-self.n_microbatches :] if self.has_last else []
+        pair = torch.stack(pairs).sum(0) if pairs else torch.zeros(2, device=input_ids.device)
+        # Only the last stage computed the loss; the sum over the pipeline hands it to every rank.
+        dist.all_reduce(pair, group=self.pp_group)
+        return pair
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float,
+                         autocast: Callable[[], Any]) -> torch.Tensor:
+        """Run the step's micro-batches through the training schedule; returns this DP rank's loss sum."""
+        with autocast():
+            return self._run(micro_batches, loss_fn, scale, train=True)[0]
+
+    @torch.no_grad()
+    def forward_loss(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any,
+                     autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward-only schedule passes over ``micro_batches`` (a multiple of n_microbatches): (loss sum, tokens)."""
+        total = torch.zeros(2, device=micro_batches[0]["input_ids"].device)
+        n = self.n_microbatches
+        if len(micro_batches) % n:
+            raise NxdtError(f"pipeline validation: {len(micro_batches)} micro-batches are not a multiple of {n}")
+        with autocast():
+            for i in range(0, len(micro_batches), n):
+                total += self._run(micro_batches[i : i + n], loss_fn, 1.0, train=False)
+        return total[0], total[1]
+
+    # -- norms and export ----------------------------------------------------------------------
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stage's unsharded parameters, gathered over the pipeline (tied pairs under both names)."""
+        local = super().full_state_dict()
+        parts: list[Any] = [None] * self.pp
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=self.pp_group)
+        out: dict[str, torch.Tensor] = {}
+        for part in parts:
+            out.update(part)
+        return out
+
+
+def plan_pipeline(model: nn.Module, run: Any, parallel: Any, mesh: Any, cfg: Any) -> StagePlan:
+    """This rank's StagePlan for ``model``, from the family's blocks and ``model.pipeline_cuts``."""
+    if run.spec.pipeline_blocks is None:
+        raise ConfigError(f"{run.family}: the family declares no pipeline_blocks, so it cannot be pipelined")
+    if getattr(run.spec, "is_moe", False):
+        raise ConfigError(f"{run.family}: pipeline parallelism does not carry the MoE auxiliary loss across stages yet")
+    blocks = run.spec.pipeline_blocks(run.arch)
+    n_stages = parallel.pp * parallel.vpp
+    layout = split_blocks(blocks, n_stages, cfg.model.pipeline_cuts)
+    container, first_only, last_only = _placement(model, blocks)
+    stage_ids = list(range(mesh["pp"].get_local_rank(), n_stages, parallel.pp))
+    return StagePlan(layout, stage_ids, container, first_only, last_only, _tied_names(model))
+
+
+def _tied_names(model: nn.Module) -> list[str]:
+    """FQNs of parameters shared by two modules (a tied embedding and LM head), all names of each."""
+    seen: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(name)
+    return [n for names in seen.values() if len(names) > 1 for n in names]
+
+
