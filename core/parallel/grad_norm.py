@@ -44,8 +44,16 @@ def tp_replica_count(param: torch.Tensor, tp: int, kv_replicas: int = 1, is_kv: 
 def weighted_sq_sum(tensors: list[torch.Tensor], weights: list[float | torch.Tensor]) -> torch.Tensor:
     """Sum of ``weight * |t|^2`` in fp32 (weights are scalars or per-element tensors)."""
     total = torch.zeros((), dtype=torch.float32, device=tensors[0].device if tensors else "cpu")
+    by_weight: dict[float, list[torch.Tensor]] = {}
     for t, w in zip(tensors, weights):
-        total += (t.float().pow(2) * w).sum()
+        if isinstance(w, torch.Tensor):
+            total += (t.float().pow(2) * w).sum()
+        else:
+            by_weight.setdefault(float(w), []).append(t)
+    # One batched norm kernel per distinct scalar weight instead of a few kernels per tensor.
+    for w, group in by_weight.items():
+        norms = torch._foreach_norm(group, 2.0, dtype=torch.float32)
+        total += w * torch.stack(norms).pow(2).sum()
     return total
 
 

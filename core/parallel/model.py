@@ -71,7 +71,7 @@ class ParallelModel:
         return runner(input_ids, position_ids)
 
     def forward_backward(
-        self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float, autocast: Any
+        self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float | torch.Tensor, autocast: Any
     ) -> torch.Tensor:
         """Forward and backward of each micro-batch, the loss scaled by ``scale``; returns the loss sum."""
         loss_sum = torch.zeros((), device=micro_batches[0]["input_ids"].device)

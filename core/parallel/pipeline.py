@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -138,6 +138,8 @@ class StagePlan:
     first_only: list[str]
     last_only: list[str]
     tied: list[str]
+    #: tied FQN -> the FQN the single-device model lists it under (the first), for checkpoint keys
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_stages(self) -> int:
@@ -219,6 +221,8 @@ class PipelineModel(ParallelModel):
         self.n_microbatches = n_microbatches
         self._step: dict[str, Any] = {}
         self.tied_params, self.tie_group = self._tie(module, plan.tied)
+        # The last stage holds the tied LM head under its own name; checkpoints key it as one process does.
+        self.checkpoint_aliases = dict(plan.aliases)
 
     # -- tied input and output embeddings ------------------------------------------------------
     def _tie(self, module: nn.Module, tied: list[str]) -> tuple[list[torch.Tensor], Any]:
@@ -265,7 +269,7 @@ class PipelineModel(ParallelModel):
         self._step["pairs"].append(torch.stack([loss.detach().float(), n.float()]))
         return loss * self._step["scale"]
 
-    def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float, train: bool) -> torch.Tensor:
+    def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: Any, train: bool) -> torch.Tensor:
         """One schedule pass over ``micro_batches``; (loss sum, tokens) summed onto every pipeline rank."""
         extra = set(micro_batches[0]) - {"input_ids", "position_ids", "labels"}
         if extra:
@@ -289,7 +293,7 @@ class PipelineModel(ParallelModel):
         dist.all_reduce(pair, group=self.pp_group)
         return pair
 
-    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float,
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float | torch.Tensor,
                          autocast: Callable[[], Any]) -> torch.Tensor:
         """Run the step's micro-batches through the training schedule; returns this DP rank's loss sum."""
         with autocast():
@@ -332,7 +336,7 @@ def plan_pipeline(model: nn.Module, run: Any, parallel: Any, mesh: Any, cfg: Any
     layout = split_blocks(blocks, n_stages, cfg.model.pipeline_cuts)
     container, first_only, last_only = _placement(model, blocks)
     stage_ids = list(range(mesh["pp"].get_local_rank(), n_stages, parallel.pp))
-    return StagePlan(layout, stage_ids, container, first_only, last_only, _tied_names(model))
+    return StagePlan(layout, stage_ids, container, first_only, last_only, _tied_names(model), _tied_aliases(model))
 
 
 def _tied_names(model: nn.Module) -> list[str]:
@@ -341,5 +345,13 @@ def _tied_names(model: nn.Module) -> list[str]:
     for name, p in model.named_parameters(remove_duplicate=False):
         seen.setdefault(id(p), []).append(name)
     return [n for names in seen.values() if len(names) > 1 for n in names]
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Each tied FQN -> the first name of its parameter, the only one ``named_parameters()`` lists."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if name != first[id(p)]}
 
 

@@ -126,15 +126,17 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Forward/backward over the step's micro-batches, then clip and update."""
         model = self.model
-        # The token count of the whole global batch normalises every micro-batch's loss sum.
-        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        global_tokens = self._all_reduce_dp(torch.tensor([float(local_tokens)], device=self.world.device)).item()
-        if global_tokens == 0:
-            raise NxdtError(f"step {self.state.step + 1}: the global batch has no target tokens (all labels masked)")
+        # The token count of the whole global batch normalises every micro-batch's loss sum. It stays
+        # a device tensor until the loss is read, so an accelerator is synchronised once per step.
+        local_tokens = torch.stack([(mb["labels"] != -100).sum() for mb in micro_batches]).sum().float()
+        global_tokens = self._all_reduce_dp(local_tokens.reshape(1))[0]
         # DDP averages gradients over DP ranks; multiplying by dp makes that average a global sum.
-        scale = self.parallel.dp / global_tokens
+        scale = self.parallel.dp / global_tokens.clamp_min(1.0)
         loss_sum = model.forward_backward(micro_batches, self.loss_fn, scale, self._autocast)
-        loss = self._all_reduce_dp(loss_sum).item() / global_tokens
+        loss_total, tokens = torch.cat([self._all_reduce_dp(loss_sum.reshape(1)), global_tokens.reshape(1)]).tolist()
+        if tokens == 0:
+            raise NxdtError(f"step {self.state.step + 1}: the global batch has no target tokens (all labels masked)")
+        loss = loss_total / tokens
         metrics: dict[str, float] = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
         if not math.isfinite(loss):
             return metrics | {"nonfinite": 1.0}
