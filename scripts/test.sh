@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
 export NXDT_DEVICE=cpu
 python -m ruff check core plugins tests bench
+python -m mypy
 python -m pytest -q -p no:cacheprovider tests "$@"

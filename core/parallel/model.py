@@ -8,6 +8,7 @@ average is the gradient of the global token-mean loss.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -117,7 +118,7 @@ class ParallelModel:
     def no_sync(self, skip_sync: bool):
         """Suppress the DP gradient all-reduce for accumulation micro-batches."""
         if self.ddp is not None and skip_sync:
-            return self.ddp.no_sync()
+            return self.ddp.no_sync()  # type: ignore[operator]
         # Without DDP gradients are only synchronised in finalize_gradients, once per step.
         return contextlib.nullcontext()
 
@@ -158,7 +159,7 @@ class ParallelModel:
         return self.optimizer
 
     # -- gradients -----------------------------------------------------------------------------
-    def _local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _local_grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.flat_optimizer:
             return self.optimizer.local_grads(params)
         return [local_tensor(p.grad) for p in params if p.grad is not None]

@@ -225,7 +225,7 @@ class PipelineModel(ParallelModel):
         self.checkpoint_aliases = dict(plan.aliases)
 
     # -- tied input and output embeddings ------------------------------------------------------
-    def _tie(self, module: nn.Module, tied: list[str]) -> tuple[list[torch.Tensor], Any]:
+    def _tie(self, module: nn.Module, tied: list[str]) -> tuple[list[nn.Parameter], Any]:
         """This rank's halves of tied parameters and the group of first and last pipeline ranks."""
         if not tied:
             return [], None

@@ -237,7 +237,7 @@ class FlatShardedAdamW(torch.optim.Optimizer):
 
     # -- the update ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
         """AdamW (torch's formulation) on the shards in fp32, then all-gather into the parameters."""
         first = self.param_groups[0]["params"][0]
         step = int(self.state[first]["step"]) if first in self.state else 0

@@ -16,7 +16,8 @@ ADAMW_NAMES = ("adamw", "adamw_fp32OptState", "adam")
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: bool) -> list[dict[str, Any]]:
     """Split trainable parameters into decayed and non-decayed groups (1-D tensors are norms/biases)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
