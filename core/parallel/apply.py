@@ -26,7 +26,9 @@ def parallelize(model: nn.Module, trainer: Any) -> ParallelModel:
     run, parallel, world, mesh = trainer.run, trainer.parallel, trainer.world, trainer.mesh
     cfg = trainer.cfg
     if parallel.cp > 1:
-        raise NotImplementedError("context parallelism is not available in this build; set its size to 1")
+        raise ConfigError(
+            f"distributed_strategy.context_parallel_size={parallel.cp}: context parallelism is not available yet; set it to 1"
+        )
     precision = cfg.precision.resolved(cfg.model.optim.name)
     materialize(model, run, world.device, cfg.seed)
     param_dtype = torch_dtype(precision.param_dtype)
