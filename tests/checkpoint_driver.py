@@ -3,8 +3,10 @@
 ``torchrun --nproc-per-node 4 tests/checkpoint_driver.py OUT_DIR [JOB ...] -- OVERRIDE ...``
 
 Jobs run in order in the same process group (start-up paid once); a job that resumes names the
-job whose step-4 checkpoint it loads. Rank 0 writes ``OUT_DIR/<job>.json`` with the job's losses
-and its run directory. tests/test_checkpoint_layouts.py compares them.
+job whose step-4 checkpoint it loads. Rank 0 writes ``OUT_DIR/<job>.json`` with the job's losses,
+its run directory, the bytes each rank read when it resumed and, for tied embeddings, how far the LM head is from the embedding.
+tests/test_checkpoint_layouts.py compares the DP/TP jobs (the default), tests/test_checkpoint_pipeline.py
+the pipeline ones (they need 4 layers).
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ JOBS: dict[str, tuple[list[str], str | None]] = {
     "mixed_resume": ([*DP2_TP2_ZERO1, *MIXED], "mixed_ref"),
     "kv1": ([*DP2_TP2_ZERO1, "model.num_kv_heads=1", *SAVE_EVERY_4], None),
 }
+PP2 = ["distributed_strategy.pipeline_model_parallel_size=2"]
+TIED = ["model.share_embeddings_and_output_weights=true"]
+#: pipeline jobs: a PP2 x DP2 + ZeRO-1 checkpoint resumed under PP2 x DP2 (also with one DP rank
+#: reading), PP4 x DP1 with torch AdamW; a tied-embedding PP2 x DP2 checkpoint resumed under PP2 x DP2
+PIPELINE_JOBS: dict[str, tuple[list[str], str | None]] = {
+    "pp2_ref": ([*PP2, "distributed_strategy.zero1=true", *SAVE_EVERY_4], None),
+    "pp2_resume": ([*PP2, "distributed_strategy.zero1=true"], "pp2_ref"),
+    "pp2_one_dp_rank": ([*PP2, "distributed_strategy.zero1=true", "exp_manager.load_from_one_dp_rank=true"], "pp2_ref"),
+    "pp4_resume": (["distributed_strategy.pipeline_model_parallel_size=4"], "pp2_ref"),
+    "pp2_tied_ref": ([*PP2, *TIED, *SAVE_EVERY_4], None),
+    "pp2_tied_resume": ([*PP2, *TIED], "pp2_tied_ref"),
+}
 STEP4 = "checkpoints/nxdt--step=4-consumed_samples=32"
 
 
@@ -41,15 +55,23 @@ def main(argv: list[str]) -> None:
     out_dir, names, shared = Path(argv[0]), argv[1:sep] or list(JOBS), argv[sep + 1 :]
     world = init_world()
     for name in names:
-        overrides, source = JOBS[name]
+        overrides, source = {**JOBS, **PIPELINE_JOBS}[name]
         run_dir = out_dir / "runs" / name
         resume = [f"exp_manager.resume_from_checkpoint={out_dir / 'runs' / source / STEP4}"] if source else []
         torch.manual_seed(0)
         trainer = Trainer(resolve("llama3-tiny", "sft", [*shared, *overrides, *resume,
                                                           f"exp_manager.explicit_log_dir={run_dir}"]), world)
         result = trainer.fit()
+        out = {"losses": result.losses, "run_dir": str(run_dir)}
+        if TIED[0] in overrides:
+            full = trainer.model.full_state_dict()  # a collective over the pipeline
+            out["tie_diff"] = float((full["output.weight"] - full["tok_embeddings.weight"]).abs().max())
+        if source:
+            bytes_read: list[int] = [0] * world.world_size
+            torch.distributed.all_gather_object(bytes_read, trainer.checkpointer.last_load.bytes_read)
+            out["bytes_read"] = bytes_read
         if world.rank == 0:
-            (out_dir / f"{name}.json").write_text(json.dumps({"losses": result.losses, "run_dir": str(run_dir)}))
+            (out_dir / f"{name}.json").write_text(json.dumps(out))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -2,10 +2,10 @@
 
 Everything saved is a tensor, so loading never unpickles objects: the model and optimizer state
 are layout-independent (``nxdt.checkpoint.portable``: single-device FQNs and shapes, each KV head
-once, per-FQN optimizer state whether AdamW or the flat ZeRO-1 AdamW kept it), so any DP/TP
-layout loads what another saved; the small non-tensor parts (optimizer hyperparameters, the LR
-scheduler, the train state) are JSON or integers stored in tensors. RNG states are saved per rank
-under keys of their own.
+once, per-FQN optimizer state whether AdamW or the flat ZeRO-1 AdamW kept it), so any
+DP/TP/PP layout loads what another saved (each pipeline rank saves and loads only its stages'
+keys); the small non-tensor parts (optimizer hyperparameters, the LR scheduler, the train state)
+are JSON or integers stored in tensors. RNG states are saved per rank under keys of their own.
 """
 
 from __future__ import annotations

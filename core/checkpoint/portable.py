@@ -5,6 +5,9 @@ Every tensor is keyed by its single-device FQN and saved in its single-device (g
 - TP-sharded values stay DTensors (DCP writes each shard once and reshards at load);
 - KV-replicated projections (TP > KV heads) are gathered and saved with each KV head once, then
   repeated again for the loading layout's replication factor;
+- under pipeline parallelism each rank holds only its stages' parameters, so each rank saves and
+  loads its own keys; a tied LM head on the last stage is keyed by the embedding's FQN, as the
+  single-device model lists it, so the tied weight is saved once and loads into both stages;
 - optimizer state is per FQN (``exp_avg``, ``exp_avg_sq``, ``step`` and, with master weights, the
   fp32 ``master``) for torch's AdamW and for the flat ZeRO-1 AdamW alike, so either optimizer, at
   any DP size, loads what the other saved.
@@ -35,6 +38,9 @@ class PortableState:
     def __init__(self, model: Any):
         self.model = model
         self.params = [(n.replace(_WRAPPER_PREFIX, ""), p) for n, p in model.trainable_module.named_parameters()]
+        aliases = getattr(model, "checkpoint_aliases", {})
+        #: rank-local FQN -> saved FQN (they differ only for a pipeline stage's tied LM head)
+        self.key = {name: aliases.get(name, name) for name, _ in self.params}
         self.kv_ids = {id(p) for p in getattr(model, "kv_params", [])}
         self.kv_heads = getattr(model, "kv_heads", 1)
         self.kv_replicas = getattr(model, "kv_replicas", 1)
@@ -55,7 +61,7 @@ class PortableState:
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The model's parameters in saved form, by FQN."""
-        return {name: self.saved(p, local_tensor(p).detach()) for name, p in self.params}
+        return {self.key[name]: self.saved(p, local_tensor(p).detach()) for name, p in self.params}
 
     def optim_state(self, optimizer: Any) -> dict[str, dict[str, torch.Tensor]]:
         """The optimizer's state in saved form: FQN -> {exp_avg, exp_avg_sq, step[, master]}."""
@@ -70,7 +76,7 @@ class PortableState:
                     entry["step"] = torch.tensor(float(state["step"]))
                 per_fqn[name] = entry
         by_param = dict(self.params)
-        return {name: {k: v if k == "step" else self.saved(by_param[name], v) for k, v in entry.items()}
+        return {self.key[name]: {k: v if k == "step" else self.saved(by_param[name], v) for k, v in entry.items()}
                 for name, entry in per_fqn.items() if entry}
 
     # -- from the saved form ----------------------------------------------------------------------
@@ -100,7 +106,7 @@ class PortableState:
 
     def model_targets(self) -> dict[str, torch.Tensor]:
         """Empty saved-form tensors for every parameter, in the parameters' dtypes."""
-        return {name: self.target(p, p.dtype) for name, p in self.params}
+        return {self.key[name]: self.target(p, p.dtype) for name, p in self.params}
 
     def optim_targets(self, optimizer: Any, saved_keys: Any) -> dict[str, dict[str, torch.Tensor]]:
         """Empty saved-form tensors for the optimizer state the checkpoint holds and ``optimizer`` keeps."""
@@ -108,7 +114,7 @@ class PortableState:
         keep_master = flat and bool(optimizer.precision.master_weights)
         out = {}
         for name, p in self.params:
-            prefix = f"optim.state.{name}."
+            prefix = f"optim.state.{self.key[name]}."
             dtype = optimizer.state_dtype if flat else p.dtype
             entry = {k: self.target(p, dtype) for k in ADAM_STATES if prefix + k in saved_keys}
             if keep_master and prefix + MASTER in saved_keys:
@@ -116,21 +122,22 @@ class PortableState:
             if prefix + "step" in saved_keys:
                 entry["step"] = torch.empty((), dtype=torch.float32)
             if entry:
-                out[name] = entry
+                out[self.key[name]] = entry
         return out
 
     @torch.no_grad()
     def load_model(self, loaded: dict[str, torch.Tensor]) -> None:
         """Copy loaded saved-form parameters into the (sharded, replicated) model."""
         for name, p in self.params:
-            local_tensor(p).copy_(self.local(p, loaded[name]))
+            local_tensor(p).copy_(self.local(p, loaded[self.key[name]]))
 
     @torch.no_grad()
     def load_optim(self, optimizer: Any, loaded: dict[str, dict[str, torch.Tensor]]) -> None:
         """Install loaded saved-form optimizer state (after :meth:`load_model`: a missing master is the weights)."""
         by_param = dict(self.params)
-        per_fqn = {name: {k: v if k == "step" else self.local(by_param[name], v) for k, v in entry.items()}
-                   for name, entry in loaded.items()}
+        saved = {self.key[name]: name for name in by_param}
+        per_fqn = {saved[key]: {k: v if k == "step" else self.local(by_param[saved[key]], v) for k, v in entry.items()}
+                   for key, entry in loaded.items()}
         if hasattr(optimizer, "import_state"):
             optimizer.import_state({name: per_fqn.get(name, {}) for name, _ in self.params})
             return
