@@ -11,9 +11,10 @@ the pipeline ones (they need 4 layers).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from multirank import run_jobs, train_job
 
 DP2_TP2_ZERO1 = ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.zero1=true"]
 SAVE_EVERY_4 = ["exp_manager.checkpoint_callback_params.every_n_train_steps=4",
@@ -43,38 +44,24 @@ PIPELINE_JOBS: dict[str, tuple[list[str], str | None]] = {
 STEP4 = "checkpoints/nxdt--step=4-consumed_samples=32"
 
 
-def main(argv: list[str]) -> None:
-    """Run the jobs named in ``argv`` (all by default) and write their losses."""
+def run_job(world, name: str, job: tuple[list[str], str | None], out_dir: Path, shared: list[str]) -> dict:
+    """Train one job, resuming from its source job's step-4 checkpoint when it has one."""
     import torch
 
-    from nxdt.parallel.world import init_world
-    from nxdt.resolve import resolve
-    from nxdt.train.trainer import Trainer
-
-    sep = argv.index("--") if "--" in argv else len(argv)
-    out_dir, names, shared = Path(argv[0]), argv[1:sep] or list(JOBS), argv[sep + 1 :]
-    world = init_world()
-    for name in names:
-        overrides, source = {**JOBS, **PIPELINE_JOBS}[name]
-        run_dir = out_dir / "runs" / name
-        resume = [f"exp_manager.resume_from_checkpoint={out_dir / 'runs' / source / STEP4}"] if source else []
-        torch.manual_seed(0)
-        trainer = Trainer(resolve("llama3-tiny", "sft", [*shared, *overrides, *resume,
-                                                          f"exp_manager.explicit_log_dir={run_dir}"]), world)
-        result = trainer.fit()
-        out = {"losses": result.losses, "run_dir": str(run_dir)}
-        if TIED[0] in overrides:
-            full = trainer.model.full_state_dict()  # a collective over the pipeline
-            out["tie_diff"] = float((full["output.weight"] - full["tok_embeddings.weight"]).abs().max())
-        if source:
-            bytes_read: list[int] = [0] * world.world_size
-            torch.distributed.all_gather_object(bytes_read, trainer.checkpointer.last_load.bytes_read)
-            out["bytes_read"] = bytes_read
-        if world.rank == 0:
-            (out_dir / f"{name}.json").write_text(json.dumps(out))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    overrides, source = job
+    run_dir = out_dir / "runs" / name
+    resume = [f"exp_manager.resume_from_checkpoint={out_dir / 'runs' / source / STEP4}"] if source else []
+    trainer, result = train_job(world, [*shared, *overrides, *resume], run_dir)
+    out = {"losses": result.losses, "run_dir": str(run_dir)}
+    if TIED[0] in overrides:
+        full = trainer.model.full_state_dict()  # a collective over the pipeline
+        out["tie_diff"] = float((full["output.weight"] - full["tok_embeddings.weight"]).abs().max())
+    if source:
+        bytes_read: list[int] = [0] * world.world_size
+        torch.distributed.all_gather_object(bytes_read, trainer.checkpointer.last_load.bytes_read)
+        out["bytes_read"] = bytes_read
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_jobs(sys.argv[1:], {**JOBS, **PIPELINE_JOBS}, run_job, default=list(JOBS))

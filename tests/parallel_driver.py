@@ -8,9 +8,10 @@ writes ``OUT_DIR/<layout>.json``. tests/test_parallel.py compares them with sing
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from multirank import run_jobs, train_job
 
 #: layout name -> overrides on top of the shared ones; every layout spans the whole world (4 ranks),
 #: DP taking what TP leaves. Sub-world layouts would need every world-wide collective of the trainer
@@ -29,30 +30,12 @@ LAYOUTS: dict[str, list[str]] = {
 }
 
 
-def main(argv: list[str]) -> None:
-    """Run the layouts named in ``argv`` (all by default) and write their losses."""
-    import torch
-
-    from nxdt.parallel.world import init_world
-    from nxdt.resolve import resolve
-    from nxdt.train.trainer import Trainer
-
-    sep = argv.index("--") if "--" in argv else len(argv)
-    out_dir, names, shared = Path(argv[0]), argv[1:sep] or list(LAYOUTS), argv[sep + 1 :]
-    world = init_world()
-    for name in names:
-        overrides = [*shared, *LAYOUTS[name], f"exp_manager.explicit_log_dir={out_dir / 'runs' / name}"]
-        torch.manual_seed(0)
-        trainer = Trainer(resolve("llama3-tiny", "sft", overrides), world)
-        result = trainer.fit()
-        # The unsharded weights after training (a collective), KV heads once, to compare with one process.
-        full = trainer.model.full_state_dict()
-        if world.rank == 0:
-            extra = {"wk_norm": float(full["layers.0.attention.wk.weight"].norm())}
-            (out_dir / f"{name}.json").write_text(json.dumps({"losses": result.losses, **extra}))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+def run_layout(world, name: str, overrides: list[str], out_dir: Path, shared: list[str]) -> dict:
+    """Train one layout; report its losses and the trained K projection's norm (KV heads once)."""
+    trainer, result = train_job(world, [*shared, *overrides], out_dir / "runs" / name)
+    full = trainer.model.full_state_dict()  # a collective: every rank takes part
+    return {"losses": result.losses, "wk_norm": float(full["layers.0.attention.wk.weight"].norm())}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_jobs(sys.argv[1:], LAYOUTS, run_layout)

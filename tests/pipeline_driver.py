@@ -9,9 +9,10 @@ embeddings, how far the first stage's embedding is from the last stage's LM head
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from multirank import run_jobs, train_job
 
 PP2 = "distributed_strategy.pipeline_model_parallel_size=2"
 #: layout name -> overrides on top of the shared ones; every layout spans the 4 ranks
@@ -27,31 +28,15 @@ LAYOUTS: dict[str, list[str]] = {
 }
 
 
-def main(argv: list[str]) -> None:
-    """Run the layouts named in ``argv`` (all by default) and write their results."""
-    import torch
-
-    from nxdt.parallel.world import init_world
-    from nxdt.resolve import resolve
-    from nxdt.train.trainer import Trainer
-
-    sep = argv.index("--") if "--" in argv else len(argv)
-    out_dir, names, shared = Path(argv[0]), argv[1:sep] or list(LAYOUTS), argv[sep + 1 :]
-    world = init_world()
-    for name in names:
-        overrides = [*shared, *LAYOUTS[name], f"exp_manager.explicit_log_dir={out_dir / 'runs' / name}"]
-        torch.manual_seed(0)
-        trainer = Trainer(resolve("llama3-tiny", "sft", overrides), world)
-        result = trainer.fit()
-        full = trainer.model.full_state_dict()  # a collective over the pipeline
-        if world.rank == 0:
-            out = {"losses": result.losses, "val_losses": list(result.val_losses.values())}
-            if name.endswith("tied"):
-                out["tie_diff"] = float((full["output.weight"] - full["tok_embeddings.weight"]).abs().max())
-            (out_dir / f"{name}.json").write_text(json.dumps(out))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+def run_layout(world, name: str, overrides: list[str], out_dir: Path, shared: list[str]) -> dict:
+    """Train one layout; report losses, validation losses and (tied) the embedding/LM-head gap."""
+    trainer, result = train_job(world, [*shared, *overrides], out_dir / "runs" / name)
+    full = trainer.model.full_state_dict()  # a collective over the pipeline
+    out = {"losses": result.losses, "val_losses": list(result.val_losses.values())}
+    if name.endswith("tied"):
+        out["tie_diff"] = float((full["output.weight"] - full["tok_embeddings.weight"]).abs().max())
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_jobs(sys.argv[1:], LAYOUTS, run_layout)

@@ -9,7 +9,6 @@ sequence; the single-process loads run in this process.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,57 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_driver import STEP4
+from multirank import TOL, launch, single_trainer, tiny
 
-from nxdt.data.embedded import embedded_paths, generate
-
-HERE = Path(__file__).parent
-TOL = 1e-5
-BASE = [
-    "model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4", "model.num_kv_heads=2",
-    "model.ffn_hidden_size=128", "data.seq_length=32", "data.global_batch_size=8", "data.micro_batch_size=2",
-    "trainer.max_steps=8", "model.optim.sched.warmup_steps=2", "trainer.val_check_interval=0",
-]
-STEP4 = "checkpoints/nxdt--step=4-consumed_samples=32"
-
-
-@pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory) -> list[str]:
-    """The embedded SFT data and tokenizer, generated into tmp when the package has none yet."""
-    paths = embedded_paths()
-    if not (paths["tokenizer"] / "tokenizer.json").is_file():
-        paths = generate(tmp_path_factory.mktemp("embedded"))
-    return [f"data.tokenizer.type={paths['tokenizer']}", f"data.train_dir={paths['sft_train']}",
-            f"data.val_dir={paths['sft_validation']}"]
+BASE = tiny(2, 8)
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, data_overrides) -> dict[str, dict]:
     """Every 4-rank job's losses and run directory, from one launch."""
-    out = tmp_path_factory.mktemp("layouts")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NXDT_DEVICE": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           str(HERE / "checkpoint_driver.py"), str(out), "--", *BASE, *data_overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-
-
-def _trainer(overrides: list[str], run_dir: Path):
-    """A single-process Trainer of the tiny model."""
-    from nxdt.parallel.world import World
-    from nxdt.resolve import resolve
-    from nxdt.train.trainer import Trainer
-
-    torch.manual_seed(0)
-    return Trainer(resolve("llama3-tiny", "sft", [*overrides, f"exp_manager.explicit_log_dir={run_dir}"]),
-                   World(0, 1, 0, torch.device("cpu"), None))
+    return launch("checkpoint_driver.py", tmp_path_factory.mktemp("layouts"), [*BASE, *data_overrides])
 
 
 def test_reshard_dp2_tp2_zero1_to_other_layouts(jobs, tmp_path, data_overrides):
     """Steps 5..8 after loading the step-4 checkpoint under DP4, TP4 and one process match the uninterrupted run."""
     ref = jobs["ref"]["losses"][4:]
     ckpt = Path(jobs["ref"]["run_dir"]) / STEP4
-    single = _trainer([*BASE, *data_overrides, f"exp_manager.resume_from_checkpoint={ckpt}"], tmp_path).fit().losses
+    single = single_trainer([*BASE, *data_overrides, f"exp_manager.resume_from_checkpoint={ckpt}"], tmp_path).fit().losses
     for name, got in [("to_dp4_zero1", jobs["to_dp4_zero1"]["losses"]), ("to_tp4_kv2", jobs["to_tp4_kv2"]["losses"]),
                       ("one_process", single)]:
         diffs = [abs(a - b) for a, b in zip(got, ref, strict=True)]
@@ -98,12 +63,12 @@ def test_export_kv_replicated_checkpoint_matches_transformers(jobs, tmp_path, da
 
     one_kv = [*BASE, *data_overrides, "model.num_kv_heads=1", f"exp_manager.resume_from_checkpoint={ckpt}"]
     # The KV heads went back to one copy each: one process continues the run with the same losses.
-    continued = _trainer(one_kv, tmp_path / "continued").fit().losses
+    continued = single_trainer(one_kv, tmp_path / "continued").fit().losses
     diff = max(abs(a - b) for a, b in zip(continued, jobs["kv1"]["losses"][4:], strict=True))
     print(f"kv1 -> one process: max |loss diff| over steps 5..8 = {diff:.2e}")
     assert diff <= TOL
 
-    trainer = _trainer([*one_kv, "trainer.max_steps=4"], tmp_path / "run")
+    trainer = single_trainer([*one_kv, "trainer.max_steps=4"], tmp_path / "run")
     trainer.setup()
     trainer.checkpointer.maybe_resume()
     assert trainer.state.step == 4

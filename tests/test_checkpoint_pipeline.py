@@ -9,7 +9,6 @@ sequence; the single-process loads run in this process.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,51 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from checkpoint_driver import PIPELINE_JOBS, STEP4
+from checkpoint_driver import PIPELINE_JOBS, STEP4, TIED
+from multirank import TOL, launch, single_trainer, tiny
 
-HERE = Path(__file__).parent
-TOL = 1e-5
-BASE = [
-    "model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4", "model.num_kv_heads=2",
-    "model.ffn_hidden_size=128", "data.seq_length=32", "data.global_batch_size=8", "data.micro_batch_size=2",
-    "trainer.max_steps=8", "model.optim.sched.warmup_steps=2", "trainer.val_check_interval=0",
-]
-TIED = ["model.share_embeddings_and_output_weights=true"]
-
-
-@pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory) -> list[str]:
-    """The embedded SFT data and tokenizer, generated into tmp when the package has none yet."""
-    from nxdt.data.embedded import embedded_paths, generate
-
-    paths = embedded_paths()
-    if not (paths["tokenizer"] / "tokenizer.json").is_file():
-        paths = generate(tmp_path_factory.mktemp("embedded"))
-    return [f"data.tokenizer.type={paths['tokenizer']}", f"data.train_dir={paths['sft_train']}",
-            f"data.val_dir={paths['sft_validation']}"]
+BASE = tiny(4, 8)
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, data_overrides) -> dict[str, dict]:
     """Every pipeline job's losses, run directory and resume reads, from one launch."""
-    out = tmp_path_factory.mktemp("pipeline_ckpt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NXDT_DEVICE": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           str(HERE / "checkpoint_driver.py"), str(out), *PIPELINE_JOBS, "--", *BASE, *data_overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
-
-
-def _trainer(overrides: list[str], run_dir: Path):
-    """A single-process Trainer of the tiny model."""
-    from nxdt.parallel.world import World
-    from nxdt.resolve import resolve
-    from nxdt.train.trainer import Trainer
-
-    torch.manual_seed(0)
-    return Trainer(resolve("llama3-tiny", "sft", [*overrides, f"exp_manager.explicit_log_dir={run_dir}"]),
-                   World(0, 1, 0, torch.device("cpu"), None))
+    return launch("checkpoint_driver.py", tmp_path_factory.mktemp("pipeline_ckpt"), [*BASE, *data_overrides], PIPELINE_JOBS)
 
 
 def _saved_keys(ckpt: Path) -> set[str]:
@@ -88,7 +52,7 @@ def test_pp2_checkpoint_resumes_under_pp2_pp4_and_one_process(jobs, tmp_path, da
     print(f"bytes read per rank: every rank {full}; one DP rank per stage {one}")
     assert sum(one) < 0.6 * sum(full)
 
-    single = _trainer([*BASE, *data_overrides, f"exp_manager.resume_from_checkpoint={ckpt}"], tmp_path).fit().losses
+    single = single_trainer([*BASE, *data_overrides, f"exp_manager.resume_from_checkpoint={ckpt}"], tmp_path).fit().losses
     for name, got in [("pp4", jobs["pp4_resume"]["losses"]), ("one_process", single)]:
         diff = _max_diff(got, ref)
         print(f"pp2 x dp2 + zero1 -> {name}: max |loss diff| over steps 5..8 = {diff:.2e}")
@@ -104,7 +68,7 @@ def test_tied_embedding_saved_once_and_loaded_into_both_stages(jobs, tmp_path, d
     assert not any("output.weight" in k for k in keys)
     assert jobs["pp2_tied_resume"]["losses"] == ref
     assert jobs["pp2_tied_resume"]["tie_diff"] == 0.0 and jobs["pp2_tied_ref"]["tie_diff"] == 0.0
-    single = _trainer([*BASE, *TIED, *data_overrides, f"exp_manager.resume_from_checkpoint={ckpt}"], tmp_path).fit()
+    single = single_trainer([*BASE, *TIED, *data_overrides, f"exp_manager.resume_from_checkpoint={ckpt}"], tmp_path).fit()
     diff = _max_diff(single.losses, ref)
     print(f"tied pp2 x dp2 -> one process: max |loss diff| over steps 5..8 = {diff:.2e}")
     assert diff <= TOL
@@ -120,7 +84,7 @@ def test_export_pipeline_checkpoint_matches_transformers(jobs, tmp_path, data_ov
                          capture_output=True, text=True, env=env, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
 
-    trainer = _trainer([*BASE, *data_overrides, "trainer.max_steps=4", f"exp_manager.resume_from_checkpoint={ckpt}"],
+    trainer = single_trainer([*BASE, *data_overrides, "trainer.max_steps=4", f"exp_manager.resume_from_checkpoint={ckpt}"],
                        tmp_path / "run")
     trainer.setup()
     trainer.checkpointer.maybe_resume()

@@ -7,25 +7,16 @@ sequence; the single-process references run in this process.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from multirank import TOL, launch, single_trainer, tiny
 
 from nxdt.errors import ConfigError
 
-HERE = Path(__file__).parent
-TOL = 1e-5
-BASE = [
-    "model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4", "model.num_kv_heads=2",
-    "model.ffn_hidden_size=128", "data.seq_length=32", "data.global_batch_size=8", "data.micro_batch_size=2",
-    "trainer.max_steps=10", "model.optim.sched.warmup_steps=2", "trainer.val_check_interval=0",
-]
+BASE = tiny(2, 10)
 #: layout -> the single-process reference overrides it must match
 PARITY = {
     "dp2_tp2": [],
@@ -38,32 +29,8 @@ PARITY = {
 BF16_LAYOUTS = ("dp4_zero1_mixed", "dp2_tp2_bf16sr")
 
 
-@pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory) -> list[str]:
-    """The embedded data named explicitly (which also skips the recipe's slow generation metric);
-    regenerated into a temp dir when the package does not ship it."""
-    from nxdt.data.embedded import embedded_paths
-
-    paths = embedded_paths()
-    if not paths["tokenizer"].exists():
-        root = tmp_path_factory.mktemp("embedded")
-        subprocess.run([sys.executable, "-m", "nxdt.data.embedded", "--out", str(root)], check=True, capture_output=True)
-        paths = embedded_paths(root)
-    return [
-        f"data.tokenizer.type={paths['tokenizer']}",
-        f"data.train_dir={paths['sft_train']}",
-        f"data.val_dir={paths['sft_validation']}",
-    ]
-
-
 def _single(overrides: list[str], tmp: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
-    from nxdt.parallel.world import World
-    from nxdt.resolve import resolve
-    from nxdt.train.trainer import Trainer
-
-    torch.manual_seed(0)
-    trainer = Trainer(resolve("llama3-tiny", "sft", [*overrides, f"exp_manager.explicit_log_dir={tmp}"]),
-                      World(0, 1, 0, torch.device("cpu"), None))
+    trainer = single_trainer(overrides, tmp)
     result = trainer.fit()
     return result.losses, trainer.model.full_state_dict()
 
@@ -71,13 +38,7 @@ def _single(overrides: list[str], tmp: Path) -> tuple[list[float], dict[str, tor
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory, data_overrides) -> dict[str, dict]:
     """Every layout's losses from one 4-rank launch."""
-    out = tmp_path_factory.mktemp("parallel")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(HERE / "parallel_driver.py"),
-           str(out), "--", *BASE, *data_overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    return launch("parallel_driver.py", tmp_path_factory.mktemp("parallel"), [*BASE, *data_overrides])
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,15 @@ sequence; the single-process references run in this process.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from multirank import TOL, launch, single_trainer, tiny
 
 from nxdt.errors import ConfigError
 
-HERE = Path(__file__).parent
-TOL = 1e-5
-BASE = [
-    "model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4", "model.num_kv_heads=2",
-    "model.ffn_hidden_size=128", "data.seq_length=32", "data.global_batch_size=8", "data.micro_batch_size=2",
-    "trainer.max_steps=10", "model.optim.sched.warmup_steps=2", "trainer.val_check_interval=0",
-    "trainer.limit_val_batches=2",
-]
+BASE = tiny(4, 10, "trainer.limit_val_batches=2")
 #: layout -> the single-process reference overrides it must match
 PARITY = {
     "pp2_dp2": [],
@@ -36,45 +26,15 @@ PARITY = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_overrides(tmp_path_factory) -> list[str]:
-    """The embedded SFT data named explicitly (which also skips the recipe's slow generation metric)."""
-    from nxdt.data.embedded import embedded_paths
-
-    paths = embedded_paths()
-    if not paths["tokenizer"].exists():
-        root = tmp_path_factory.mktemp("embedded")
-        subprocess.run([sys.executable, "-m", "nxdt.data.embedded", "--out", str(root)], check=True, capture_output=True)
-        paths = embedded_paths(root)
-    return [
-        f"data.tokenizer.type={paths['tokenizer']}",
-        f"data.train_dir={paths['sft_train']}",
-        f"data.val_dir={paths['sft_validation']}",
-    ]
-
-
 def _single(overrides: list[str], tmp: Path) -> tuple[list[float], list[float]]:
-    from nxdt.parallel.world import World
-    from nxdt.resolve import resolve
-    from nxdt.train.trainer import Trainer
-
-    torch.manual_seed(0)
-    trainer = Trainer(resolve("llama3-tiny", "sft", [*overrides, f"exp_manager.explicit_log_dir={tmp}"]),
-                      World(0, 1, 0, torch.device("cpu"), None))
-    result = trainer.fit()
+    result = single_trainer(overrides, tmp).fit()
     return result.losses, list(result.val_losses.values())
 
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory, data_overrides) -> dict[str, dict]:
     """Every layout's losses from one 4-rank launch."""
-    out = tmp_path_factory.mktemp("pipeline")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-           str(HERE / "pipeline_driver.py"), str(out), "--", *BASE, *data_overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    return launch("pipeline_driver.py", tmp_path_factory.mktemp("pipeline"), [*BASE, *data_overrides])
 
 
 @pytest.fixture(scope="module")
