@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from typing import Any
 
 import torch
+from machine import describe_machine
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MODES: dict[str, list[str]] = {
@@ -109,19 +109,6 @@ def saved_activation_bytes(trainer: Any, batch: dict[str, torch.Tensor]) -> tupl
     return total, len(saved), value
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, core count, torch and Python versions."""
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the three modes, measure saved bytes, then time interleaved train steps."""
     torch.set_num_threads(args.threads)
@@ -150,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_s = {m: statistics.median(v) for m, v in times.items()}
     paired = {m: statistics.median(a / b for a, b in zip(times[m], times["none"])) for m in MODES}
     return {
-        "machine": machine(),
+        "machine": describe_machine(),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "params": sum(p.numel() for p in trainers["none"].model.trainable_module.parameters()),
         "memory": memory,

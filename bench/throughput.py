@@ -19,7 +19,6 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from machine import describe_machine
 
 # Architecture overrides on top of the llama3-tiny preset, in NxDT `model.*` keys.
 PRESETS: dict[str, list[str]] = {
@@ -202,20 +202,6 @@ def profile_steps(steps: dict[str, StepFn], batches: list[dict[str, torch.Tensor
     return out.getvalue()
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, core count, torch/transformers versions."""
-    import transformers
-
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the three sides, measure them in interleaved rounds, and summarise."""
     torch.set_num_threads(args.threads)
@@ -251,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     median = {s: statistics.median(v) for s, v in rates.items()}
     paired = {o: statistics.median(n / b for n, b in zip(rates["nxdt"], rates[o], strict=True)) for o in ("plain", "hf")}
     result: dict[str, Any] = {
-        "machine": machine(),
+        "machine": describe_machine(),
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "profile")},
         "initial_loss": losses,
         "tokens_per_s": {s: {"median": median[s], "min": min(v), "max": max(v), "rounds": v} for s, v in rates.items()},

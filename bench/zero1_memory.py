@@ -13,16 +13,15 @@ weight copy, and the fp32 gradient accumulator the flat optimizer keeps for bf16
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from typing import Any
 
 import torch
+from machine import describe_machine
 
 # Llama shape on top of the llama3-tiny preset: ~3.5M parameters, so optimizer state (tens of
 # MB) stands well clear of rounding, while one step still takes well under a second on CPU.
@@ -181,19 +180,6 @@ def launch(args: argparse.Namespace, dp: int, precision: str, zero1: bool, tmp: 
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, core count, torch and Python versions."""
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every (DP, precision) pair with zero1 off and on; per-rank maxima and on/off ratios."""
     rows = []
@@ -226,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
     return {
-        "machine": machine(),
+        "machine": describe_machine(),
         "config": {"shape": SHAPE, "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps},
         "rows": rows,
     }
