@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -165,11 +166,18 @@ def verify(store: Store, name: str, marker: dict[str, Any], groups: Groups) -> N
         raise NxdtError(problems[0] + more)
 
 
+def _load_in_one_process(state: dict[str, Any], reader: Any) -> None:
+    """dcp.load without a process group (its warning that none exists is the point here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+
+
 def _dcp_load(state: dict[str, Any], store: Store, name: str, group: Any, counter: list[int]) -> None:
     reader = store.reader(name)
     count = _ByteCounter(reader)
     if group is None:
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        _load_in_one_process(state, reader)
     else:
         dcp.load(state, storage_reader=reader, process_group=group)
     counter[0] += count.bytes
@@ -264,5 +272,5 @@ def load_model_tensors(path_store: Store, name: str) -> dict[str, torch.Tensor]:
     state = {k[len("model."):]: _empty_like_saved(m) for k, m in saved.items()
              if k.startswith("model.") and hasattr(m, "size")}
     wrapped = {"model": state}
-    dcp.load(wrapped, storage_reader=path_store.reader(name), no_dist=True)
+    _load_in_one_process(wrapped, path_store.reader(name))
     return wrapped["model"]

@@ -84,14 +84,14 @@ def export_hf(checkpoint: str, out_dir: str | Path, max_shard_bytes: int = 2 << 
 
 
 def _copy_tokenizer(cfg: Any, out: Path) -> list[str]:
-    """Copy the run's tokenizer files when its tokenizer is a local directory."""
-    tok = cfg.data.tokenizer
-    source = tok.type if tok is not None and tok.type else None
-    if source == "embedded":
-        from nxdt.data.embedded import embedded_paths
+    """Copy the run's tokenizer files when its tokenizer is a local directory (the embedded one included)."""
+    from nxdt.data.embedded import embedded_paths
+    from nxdt.recipes.data import tokenizer_source
 
+    source = tokenizer_source(cfg)
+    if source == "embedded":
         source = str(embedded_paths()["tokenizer"])
-    if not source or not Path(source).is_dir():
+    if not Path(source).is_dir():
         return []
     copied = []
     for fname in TOKENIZER_FILES:

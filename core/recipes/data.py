@@ -91,7 +91,7 @@ class RunData:
         return lines
 
 
-def _tokenizer_source(cfg: Any) -> str:
+def tokenizer_source(cfg: Any) -> str:
     """``data.tokenizer.type``, else the tokenizer saved with ``model.hf_checkpoint``, else the embedded one."""
     tok_cfg = cfg.data.tokenizer
     if tok_cfg and tok_cfg.type:
@@ -107,7 +107,7 @@ def build_data(trainer: Any) -> RunData:
     cfg, run, host = trainer.cfg, trainer.run, trainer.host
     tok_cfg = cfg.data.tokenizer
     extra = {k: getattr(tok_cfg, k, None) for k in ("vocab_file", "merge_file")}
-    tokenizer = load_tokenizer(_tokenizer_source(cfg), **{k: v for k, v in extra.items() if v})
+    tokenizer = load_tokenizer(tokenizer_source(cfg), **{k: v for k, v in extra.items() if v})
     vocab = getattr(run.arch, "vocab_size", None)
     if vocab is not None and tokenizer.vocab_size > vocab:
         raise NxdtError(
