@@ -93,3 +93,11 @@ def train_job(world: Any, overrides: list[str], run_dir: Path) -> Any:
 
     trainer = Trainer(resolve("llama3-tiny", "sft", [*overrides, f"exp_manager.explicit_log_dir={run_dir}"]), world)
     return trainer, trainer.fit()
+
+
+def export_hf(checkpoint: Path, out: Path) -> None:
+    """`nxdt export CHECKPOINT --to hf OUT` as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "nxdt.cli.main", "export", str(checkpoint), "--to", "hf", str(out)],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -9,15 +9,12 @@ sequence; the single-process loads run in this process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from checkpoint_driver import STEP4
-from multirank import TOL, launch, single_trainer, tiny
+from multirank import TOL, export_hf, launch, single_trainer, tiny
 
 BASE = tiny(2, 8)
 
@@ -52,10 +49,7 @@ def test_export_kv_replicated_checkpoint_matches_transformers(jobs, tmp_path, da
     from transformers import LlamaForCausalLM
 
     ckpt = Path(jobs["kv1"]["run_dir"]) / STEP4
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "nxdt.cli.main", "export", str(ckpt), "--to", "hf", str(tmp_path / "hf")],
-                         capture_output=True, text=True, env=env, timeout=240)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    export_hf(ckpt, tmp_path / "hf")
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     head_dim = 64 // 4
     assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (head_dim, 64)

@@ -9,16 +9,13 @@ sequence; the single-process loads run in this process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from checkpoint_driver import PIPELINE_JOBS, STEP4, TIED
-from multirank import TOL, launch, single_trainer, tiny
+from multirank import TOL, export_hf, launch, single_trainer, tiny
 
 BASE = tiny(4, 8)
 
@@ -79,10 +76,7 @@ def test_export_pipeline_checkpoint_matches_transformers(jobs, tmp_path, data_ov
     from transformers import LlamaForCausalLM
 
     ckpt = Path(jobs["pp2_ref"]["run_dir"]) / STEP4
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "nxdt.cli.main", "export", str(ckpt), "--to", "hf", str(tmp_path / "hf")],
-                         capture_output=True, text=True, env=env, timeout=240)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    export_hf(ckpt, tmp_path / "hf")
 
     trainer = single_trainer([*BASE, *data_overrides, "trainer.max_steps=4", f"exp_manager.resume_from_checkpoint={ckpt}"],
                        tmp_path / "run")
