@@ -69,9 +69,9 @@ def estimate_memory(
     )
 
 
-def describe(spec: ModelSpec, config: Any, seq_length: int) -> dict[str, Any]:
-    """Counts and FLOPs of ``config`` from a meta-device build."""
-    model = build_on_meta(spec.build_model, config)
+def describe(spec: ModelSpec, config: Any, seq_length: int, build: Any = None) -> dict[str, Any]:
+    """Counts and FLOPs of ``config`` from a meta-device build (``build`` defaults to the family's builder)."""
+    model = build_on_meta(build or spec.build_model, config)
     total = count_parameters(model)
     info: dict[str, Any] = {
         "parameters": total,

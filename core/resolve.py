@@ -169,3 +169,14 @@ def parallel_dims(config: RunConfig, world_size: int | None = None) -> ParallelD
         sequence_parallel=bool(ds.sequence_parallel) and tp > 1,
         kv_replicator=ds.kv_replicator or 1,
     )
+
+
+def gradient_accumulation(config: RunConfig, dp: int) -> int:
+    """Micro-batches per optimizer step: ``global_batch_size / (micro_batch_size x dp)``, which must divide."""
+    mbs, gbs = config.data.micro_batch_size, config.data.global_batch_size
+    if gbs % (mbs * dp):
+        raise ConfigError(
+            f"data.global_batch_size ({gbs}) must be divisible by micro_batch_size ({mbs}) x "
+            f"data-parallel size ({dp}) = {mbs * dp}"
+        )
+    return gbs // (mbs * dp)

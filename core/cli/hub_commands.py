@@ -19,6 +19,11 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=160)
 
 
+def _builder(host: Any, spec: Any) -> Any:
+    """The builder runs use: a plugin's ``nxdt_build_model`` override, else the family's own."""
+    return lambda config: host.build_model(spec, config)
+
+
 def preset_rows(family: str | None = None) -> list[dict[str, Any]]:
     """One row per preset, with the exact parameter count when its family's plugin is installed."""
     host = get_host()
@@ -31,7 +36,7 @@ def preset_rows(family: str | None = None) -> list[dict[str, Any]]:
             from nxdt.resolve import resolve
 
             resolved = resolve(preset.name, host=host)
-            params = describe(resolved.spec, resolved.arch, preset.seq_length)["parameters"]
+            params = describe(resolved.spec, resolved.arch, preset.seq_length, _builder(host, resolved.spec))["parameters"]
         rows.append(
             {
                 "name": preset.name,
@@ -72,7 +77,7 @@ def inspect_preset(name: str, overrides: list[str]) -> dict[str, Any]:
     cfg, spec = resolved.config, resolved.spec
     seq = cfg.data.seq_length or (resolved.preset.seq_length if resolved.preset else 2048)
     parallel = resolved.parallel_dims()
-    info = describe(spec, resolved.arch, seq)
+    info = describe(spec, resolved.arch, seq, _builder(host, spec))
     plan = host.shard_plan(spec, resolved.arch, parallel)
     precision = cfg.precision.resolved(cfg.model.optim.name)
     memory = estimate_memory(

@@ -97,12 +97,9 @@ def launch_torchrun(args: argparse.Namespace, nproc: int, nnodes: str, worker_ar
 def print_dry_run(resolved, parallel, world_size: int, nproc: int, nnodes: str, as_json: bool) -> int:
     """Print the resolved run: config, world layout, accumulation and tokens per step."""
     cfg = resolved.config
+    from nxdt.resolve import gradient_accumulation
+
     mbs, gbs = cfg.data.micro_batch_size, cfg.data.global_batch_size
-    if gbs % (mbs * parallel.dp):
-        raise NxdtError(
-            f"data.global_batch_size ({gbs}) must be divisible by micro_batch_size ({mbs}) x "
-            f"data-parallel size ({parallel.dp}) = {mbs * parallel.dp}"
-        )
     summary = {
         "target": resolved.source,
         "family": resolved.family,
@@ -112,7 +109,7 @@ def print_dry_run(resolved, parallel, world_size: int, nproc: int, nnodes: str, 
                    "sequence_parallel": parallel.sequence_parallel},
         "micro_batch_size": mbs,
         "global_batch_size": gbs,
-        "gradient_accumulation": gbs // (mbs * parallel.dp),
+        "gradient_accumulation": gradient_accumulation(cfg, parallel.dp),
         "tokens_per_step": gbs * cfg.data.seq_length,
         "max_steps": cfg.trainer.max_steps,
         "unused_keys": cfg.unused_keys(backend="torch"),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nxdt import model_info
 from nxdt.specs import ModelSpec, ParallelDims
 
 # styles whose target must be a matrix the engine can split
@@ -25,8 +26,7 @@ _MATRIX_STYLES = ("colwise", "rowwise", "embedding", "lm_head")
 
 def build_on_meta(spec: ModelSpec, cfg: Any) -> nn.Module:
     """Build ``spec``'s model for ``cfg`` on the meta device."""
-    with torch.device("meta"):
-        return spec.build_model(cfg)
+    return model_info.build_on_meta(spec.build_model, cfg)
 
 
 def build_initialized(spec: ModelSpec, cfg: Any, seed: int = 0, device: str = "cpu") -> nn.Module:

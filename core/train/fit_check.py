@@ -6,9 +6,10 @@ import os
 from typing import Any
 
 import torch
+from torch import nn
 
 from nxdt.errors import NxdtError
-from nxdt.model_info import build_on_meta, count_parameters, estimate_memory
+from nxdt.model_info import count_parameters, estimate_memory
 
 GIB = 1 << 30
 
@@ -30,10 +31,10 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_model_fits(trainer: Any) -> None:
-    """Raise a one-line error when weights + gradients + optimizer state exceed the rank's memory."""
-    run, parallel = trainer.run, trainer.parallel
-    parameters = count_parameters(build_on_meta(run.spec.build_model, run.arch))
+def check_model_fits(trainer: Any, meta_model: nn.Module) -> None:
+    """Raise a one-line error when ``meta_model``'s weights + gradients + optimizer state exceed the rank's memory."""
+    parallel = trainer.parallel
+    parameters = count_parameters(meta_model)
     precision = trainer.precision
     estimate = estimate_memory(
         parameters,

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from nxdt.errors import ConfigError, NxdtError
 from nxdt.parallel.world import World, build_mesh
 from nxdt.plugin_host import PluginHost, get_host
-from nxdt.resolve import ResolvedRun
+from nxdt.resolve import ResolvedRun, gradient_accumulation
 from nxdt.train.exp_manager import MetricsLogger, run_directory
 from nxdt.train.fit_check import check_model_fits
 from nxdt.train.optim import build_optimizer
@@ -60,20 +60,10 @@ class Trainer:
         self.parallel = resolved.parallel_dims(world.world_size)
         self.mesh = build_mesh(world, self.parallel)
         self.state = TrainState()
-        self._check_batch_sizes()
+        self.grad_accum = gradient_accumulation(self.cfg, self.parallel.dp)
         self.run_dir = run_directory(self.cfg, world.is_distributed)
 
     # -- set-up --------------------------------------------------------------------------------
-    def _check_batch_sizes(self) -> None:
-        data = self.cfg.data
-        mbs, gbs, dp = data.micro_batch_size, data.global_batch_size, self.parallel.dp
-        if gbs % (mbs * dp):
-            raise ConfigError(
-                f"data.global_batch_size ({gbs}) must be divisible by micro_batch_size ({mbs}) x "
-                f"data-parallel size ({dp}) = {mbs * dp}"
-            )
-        self.grad_accum = gbs // (mbs * dp)
-
     def setup(self) -> None:
         """Build (on meta), parallelize and materialize the model; build data, optimizer and schedule."""
         from nxdt.parallel.apply import parallelize
@@ -81,9 +71,9 @@ class Trainer:
 
         torch.manual_seed(self.cfg.seed)
         self.precision = self.cfg.precision.resolved(self.cfg.model.optim.name)
-        check_model_fits(self)  # before any weight is allocated
         with torch.device("meta"):
             model = self.host.build_model(self.run.spec, self.run.arch)
+        check_model_fits(self, model)  # before any weight is allocated
         self.model = parallelize(model, self)
         self.loss_fn = self.host.loss(self.run.recipe.loss if self.run.recipe else "causal_lm").build(
             self.cfg, self.run.spec
