@@ -208,9 +208,6 @@ class ParallelModel:
         sq = grad_norm.weighted_sq_sum([local_tensor(p) for p in params], [self.norm_weight[id(p)] for p in params])
         return grad_norm.reduce_norm(sq, [self.tp_group, self.pp_group])
 
-    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing left to do: the flat optimizer gathers parameters inside its own step."""
-
     # -- export --------------------------------------------------------------------------------
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -136,7 +136,6 @@ class Trainer:
         if self.cfg.exp_manager.log_gradient_norm or clip:
             metrics["grad_norm"] = grad_norm
         self.optimizer.step()
-        model.after_optimizer_step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return metrics
