@@ -8,9 +8,12 @@ import pluggy
 
 __version__ = "0.1.0"
 
-#: Version of the plugin contract (hook names and signatures). Hooks only ever gain keyword
-#: arguments within one version; a plugin may declare the version it was written for.
-PLUGIN_API_VERSION = 1
+#: Version of the plugin contract (hooks, ModelSpec fields, the model contract). Hooks only ever
+#: gain keyword arguments and specs only gain fields with defaults, so a plugin written for an
+#: older version keeps working; a plugin declares the version it needs as ``NXDT_PLUGIN_API``.
+#: 2: model inputs declared by the spec, objectives with normalisers and metrics, recipes by task,
+#: the run context, the per-parameter record and the model kit (nxdt.modeling).
+PLUGIN_API_VERSION = 2
 
 hookspec = pluggy.HookspecMarker("nxdt")
 hookimpl = pluggy.HookimplMarker("nxdt")

@@ -72,6 +72,48 @@ class Registry:
         return iter(self.items.values())
 
 
+class RecipeRegistry(Registry):
+    """Recipes by name; one name may be registered once per task (``pretrain`` for causal and masked LMs)."""
+
+    def __init__(self) -> None:
+        super().__init__("recipe", lambda r: r.name)
+        self.variants: dict[str, list[Any]] = {}
+
+    def add(self, item: Any, source: str) -> None:
+        """Add a recipe; the same name twice is an error only when the two serve a common task."""
+        for other in self.variants.get(item.name, []):
+            shared = not other.tasks or not item.tasks or set(other.tasks) & set(item.tasks)
+            if shared:
+                raise PluginError(
+                    f"duplicate recipe {item.name!r} for the same task: registered by {self.sources[item.name]} "
+                    f"and by {source}"
+                )
+        self.variants.setdefault(item.name, []).append(item)
+        self.items.setdefault(item.name, item)
+        self.sources.setdefault(item.name, source)
+
+    def __iter__(self):
+        return iter([r for variants in self.variants.values() for r in variants])
+
+    def for_model(self, name: str, spec: ModelSpec) -> RecipeSpec:
+        """The recipe called ``name`` that trains ``spec``'s task, or a one-line error naming what does."""
+        variants = self.variants.get(name)
+        if not variants:
+            self.get(name)  # the unknown-name error with suggestions
+            raise AssertionError("unreachable")
+        for recipe in variants:
+            if recipe.supports(spec):
+                return recipe
+        tasks = sorted({t for r in variants for t in r.tasks})
+        fams = sorted({f for r in variants for f in r.families})
+        what = f"the {', '.join(tasks)} task" if tasks else f"the families {', '.join(fams)}"
+        fit = sorted({r.name for r in self if r.supports(spec)})
+        raise NxdtError(
+            f"recipe {name!r} trains {what}, not the {spec.family!r} family (task {spec.task!r}); "
+            f"recipes for {spec.family}: {', '.join(fit) or 'none'}"
+        )
+
+
 class PluginHost:
     """The loaded plugin manager plus every model, preset, dataset, loss and recipe registered."""
 
@@ -83,7 +125,7 @@ class PluginHost:
         self.presets = Registry("preset", lambda p: p.name)
         self.datasets = Registry("dataset", lambda d: d.name)
         self.losses = Registry("loss", lambda spec: spec.name)
-        self.recipes = Registry("recipe", lambda r: r.name)
+        self.recipes = RecipeRegistry()
 
         from nxdt.recipes import builtin
 
@@ -123,8 +165,11 @@ class PluginHost:
     def _register(self, name: str, module: object, record: PluginRecord) -> None:
         self.records[name] = record
         wanted = getattr(module, "NXDT_PLUGIN_API", nxdt.PLUGIN_API_VERSION)
-        if wanted > nxdt.PLUGIN_API_VERSION:
-            record.error = f"needs plugin API {wanted}, this nxdt provides {nxdt.PLUGIN_API_VERSION}"
+        if not isinstance(wanted, int) or wanted > nxdt.PLUGIN_API_VERSION:
+            record.error = (
+                f"needs plugin API {wanted}, but this nxdt {nxdt.__version__} provides plugin API "
+                f"{nxdt.PLUGIN_API_VERSION}; upgrade nxdt or install an older release of the plugin"
+            )
             return
         try:
             self.pm.register(module, name=name)
@@ -158,9 +203,17 @@ class PluginHost:
                     traceback.print_exc()
 
     # -- lookups ---------------------------------------------------------------------------
-    def model_spec(self, family: str) -> ModelSpec:
-        """The ModelSpec of ``family``, or an error naming the plugin to install."""
+    def model_spec(self, family: str, plugin: str | None = None) -> ModelSpec:
+        """The ModelSpec of ``family``, or an error naming why it is missing (plugin failed, not installed)."""
         if family not in self.models:
+            record = self.records.get(plugin or family)
+            if record is not None and not record.ok:
+                raise NxdtError(f"the {family!r} family's plugin {record.name!r} failed to load: {record.error}")
+            if record is not None:
+                raise NxdtError(
+                    f"plugin {record.name!r} registers presets of the {family!r} family but no model: "
+                    "the model is not implemented yet"
+                )
             raise NxdtError(
                 f"no installed plugin provides the model family {family!r}; "
                 f"install it (pip install nxdt-{family}) or check `nxdt plugins`"
@@ -171,9 +224,11 @@ class PluginHost:
         """The preset called ``name`` (errors suggest the closest names)."""
         return self.presets.get(name)
 
-    def recipe(self, name: str) -> RecipeSpec:
-        """The recipe called ``name``."""
-        return self.recipes.get(name)
+    def recipe(self, name: str, spec: ModelSpec | None = None) -> RecipeSpec:
+        """The recipe called ``name`` (for ``spec``'s task when given)."""
+        if spec is None:
+            return self.recipes.get(name)
+        return self.recipes.for_model(name, spec)
 
     def dataset(self, name: str) -> DatasetSpec:
         """The dataset builder called ``name``."""
@@ -193,9 +248,13 @@ class PluginHost:
         plan = self.pm.hook.nxdt_shard_plan(spec=spec, config=config, parallel=parallel)
         return plan if plan is not None else spec.shard_plan(config, parallel)
 
-    def recipes_for(self, family: str) -> list[str]:
-        """Names of the recipes that support ``family``."""
-        return sorted(r.name for r in self.recipes if r.supports(family))
+    def recipes_for(self, spec: ModelSpec | str) -> list[str]:
+        """Names of the recipes that can train ``spec`` (a ModelSpec, or a family name)."""
+        if isinstance(spec, str):
+            if spec not in self.models:
+                return []
+            spec = self.models.get(spec)
+        return sorted({r.name for r in self.recipes if r.supports(spec)})
 
     def plugin_version(self, name: str) -> str:
         """The version of the distribution that provides plugin ``name``."""

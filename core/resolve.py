@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nxdt.config import RunConfig, compose, load_yaml
+from nxdt.config.support import check_run
 from nxdt.errors import ConfigError, NxdtError
 from nxdt.plugin_host import PluginHost, get_host
 from nxdt.specs import ModelSpec, ParallelDims, PresetSpec, RecipeSpec
@@ -31,6 +32,8 @@ class ResolvedRun:
     preset: PresetSpec | None
     recipe: RecipeSpec | None
     source: str
+    #: keys that were accepted but have no effect on this backend (printed at start-up)
+    notes: list[str] = field(default_factory=list)
 
     def parallel_dims(self, world_size: int | None = None) -> ParallelDims:
         """The parallel layout of this run for ``world_size`` ranks (DP fills what is left)."""
@@ -44,12 +47,10 @@ def is_config_file(target: str) -> bool:
 
 def preset_layer(preset: PresetSpec) -> dict[str, Any]:
     """The config layer a preset contributes."""
-    model = dict(preset.architecture)
-    model.setdefault("encoder_seq_length", preset.seq_length)
     return {
         "name": preset.name,
         "model_source": preset.style,
-        "model": model,
+        "model": dict(preset.architecture),
         "data": {"seq_length": preset.seq_length},
         "distributed_strategy": dict(preset.distributed_strategy),
     }
@@ -61,18 +62,28 @@ def resolve(
     overrides: Sequence[str] = (),
     host: PluginHost | None = None,
 ) -> ResolvedRun:
-    """Resolve a preset name or YAML path, a recipe and overrides into a ``ResolvedRun``."""
+    """Resolve a preset name or YAML path, a recipe and overrides into a ``ResolvedRun``.
+
+    The recipe is the one called ``recipe`` that trains the family's task (two recipes may share
+    a name across tasks); every key the run cannot honour is refused here, with one line.
+    """
     host = host or get_host()
-    recipe_spec = host.recipe(recipe) if recipe else None
     layers: list[dict[str, Any]] = []
     preset: PresetSpec | None = None
     if is_config_file(target):
         file_layer = load_yaml(target)
+        # The family decides which recipe a name means, so find it before layering recipe defaults.
+        family = _family_of_file(compose([file_layer], overrides), host)
+        spec = host.model_spec(family)
+        recipe_spec = host.recipe(recipe, spec) if recipe else None
         if recipe_spec:
             layers.append(dict(recipe_spec.defaults))
         layers.append(file_layer)
     else:
         preset = host.preset(target)
+        family = preset.family
+        spec = host.model_spec(family, preset.plugin)
+        recipe_spec = host.recipe(recipe, spec) if recipe else None
         layers.append(preset_layer(preset))
         if recipe_spec:
             layers.append(dict(recipe_spec.defaults))
@@ -80,46 +91,87 @@ def resolve(
             layers.append(dict(preset.defaults))
     config = compose(layers, overrides)
     hf_path = hf_config_path(config)
-    if preset and hf_path and Path(hf_path).is_file():
+    if preset and hf_path:
         # An HF checkpoint's config.json defines the architecture; the preset keeps only its
         # training defaults, and model.* keys the user sets still apply on top.
         layers[0] = {k: v for k, v in layers[0].items() if k != "model"}
         config = compose(layers, overrides)
-    family = preset.family if preset else _family_of_file(config, host)
-    spec = host.model_spec(family)
-    if recipe_spec and not recipe_spec.supports(family):
-        raise NxdtError(
-            f"recipe {recipe_spec.name!r} does not support the {family!r} family "
-            f"(it supports {', '.join(recipe_spec.families)}); recipes for {family}: {', '.join(host.recipes_for(family))}"
-        )
+    notes = check_run(config, spec, recipe_spec)
     arch = architecture_config(spec, config)
-    return ResolvedRun(config, family, spec, arch, preset, recipe_spec, target)
+    check_sequence_length(config, arch)
+    return ResolvedRun(config, family, spec, arch, preset, recipe_spec, target, notes)
+
+
+def default_recipe(target: str, host: PluginHost | None = None) -> str:
+    """The recipe ``nxdt run TARGET`` uses without ``--recipe``.
+
+    Presets: their family's default (``sft`` for causal LMs, ``pretrain`` for masked LMs). YAML
+    files: ``sft`` when they configure ``model_alignment_strategy.sft``, else the family's
+    pre-training.
+    """
+    host = host or get_host()
+    if not is_config_file(target):
+        preset = host.preset(target)
+        return host.model_spec(preset.family, preset.plugin).recipe_default
+    layer = load_yaml(target)
+    return "sft" if (layer.get("model_alignment_strategy") or {}).get("sft") is not None else "pretrain"
 
 
 def architecture_config(spec: ModelSpec, config: RunConfig) -> Any:
     """The family's architecture config: HF config.json if given, then the NxDT ``model.*`` keys over it."""
     base = None
     hf_path = hf_config_path(config)
-    if hf_path and Path(hf_path).is_file():
-        base = spec.config_from_hf(json.loads(Path(hf_path).read_text()))
+    if hf_path:
+        try:
+            base = spec.config_from_hf(json.loads(Path(hf_path).read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{hf_path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{hf_path}: {exc}") from None
     try:
         return spec.config_from_nxdt(config.model.architecture_overrides(), base=base)
     except (TypeError, ValueError, KeyError) as exc:
-        raise ConfigError(f"model: {exc}") from None
+        message = str(exc).strip("'\"")
+        raise ConfigError(message if message.startswith("model.") else f"model: {message}") from None
+
+
+def check_sequence_length(config: RunConfig, arch: Any) -> None:
+    """``data.seq_length`` must fit the model's positions and ``model.encoder_seq_length`` when set."""
+    seq = config.data.seq_length
+    max_pos = getattr(arch, "max_position_embeddings", None)
+    if max_pos is not None and seq > max_pos:
+        raise ConfigError(
+            f"data.seq_length={seq} exceeds the model's max_position_embeddings ({max_pos}); "
+            f"lower data.seq_length or raise model.max_position_embeddings"
+        )
+    encoder = config.model.encoder_seq_length
+    if encoder is not None and seq > encoder:
+        raise ConfigError(f"data.seq_length={seq} exceeds model.encoder_seq_length={encoder}, the model's sequence length")
 
 
 def hf_config_path(config: RunConfig) -> str | None:
-    """The HF config.json that defines the architecture: ``model.model_config``, else the one in ``model.hf_checkpoint``."""
+    """The HF config.json that defines the architecture: ``model.model_config``, else the one in ``model.hf_checkpoint``.
+
+    A path that is set but does not exist is an error naming it (never silently the family defaults).
+    """
     if config.model.model_config_path:
-        return config.model.model_config_path
+        path = Path(config.model.model_config_path).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"model.model_config: {path} does not exist (an HF config.json is expected)")
+        return str(path)
     if config.model.hf_checkpoint:
-        return str(Path(config.model.hf_checkpoint) / "config.json")
+        directory = Path(config.model.hf_checkpoint).expanduser()
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"model.hf_checkpoint: {directory} is not an HF checkpoint directory (no config.json)")
+        return str(directory / "config.json")
     return None
 
 
 def _family_of_file(config: RunConfig, host: PluginHost) -> str:
     hf_path = hf_config_path(config)
-    if hf_path and Path(hf_path).is_file():
+    if hf_path:
         model_type = json.loads(Path(hf_path).read_text()).get("model_type", "")
         for spec in host.models:
             if model_type in spec.hf_model_types:

@@ -23,6 +23,7 @@ SHARD_STYLES = (
     "lm_head",  # vocabulary-parallel output layer; logits stay sharded for loss-parallel CE
     "sequence_norm",  # norm over a sequence-sharded activation (sequence parallelism only)
     "replicate",  # kept whole on every rank (routers, small biases)
+    "sequence_output",  # kept whole; under SP its output is split along the sequence (learned positions)
     "expert",  # expert-parallel: the leading expert dimension is split over the EP group
 )
 
@@ -89,13 +90,19 @@ class StateDictAdapter(Protocol):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything the engine needs to know about one model family.
+    """Everything the engine needs to know about one model family (docs/plugins.md, "model contract").
 
     ``config_from_nxdt(model_section, base=None)`` receives the NxDT ``model`` keys that are set
     (num_layers, hidden_size, ...) and returns the family's architecture config: ``base`` (a config
-    read from an HF config.json) with those keys applied, or the family defaults with them;
-    ``config_from_hf`` / ``config_to_hf`` translate HF ``config.json`` dicts. ``build_model`` must
-    work under ``torch.device("meta")``; ``init_weights(model, config)`` then fills real tensors.
+    read from an HF config.json) with those keys applied, or the family defaults with them; it
+    raises ValueError for a key the family cannot honour. ``config_from_hf`` / ``config_to_hf``
+    translate HF ``config.json`` dicts. ``build_model`` must work under ``torch.device("meta")``;
+    ``init_weights(model, config)`` then fills real tensors.
+
+    The engine calls the model as ``model(**inputs)`` with the batch keys named in ``inputs`` (on
+    every path: one process, DP, TP, PP and evaluation). Under pipeline parallelism the first stage
+    receives ``input_ids`` and later stages the previous stage's hidden states in its place, and
+    every input in ``stage_inputs`` reaches every stage.
     """
 
     family: str
@@ -110,17 +117,31 @@ class ModelSpec:
     flops_per_token: Callable[[Any, int], float]
     hf_model_types: tuple[str, ...] = ()
     hf_architecture: str = ""
-    task: Literal["causal_lm", "masked_lm"] = "causal_lm"
+    task: str = "causal_lm"
     is_moe: bool = False
     #: module FQNs (or globs) of the repeated blocks, in order: pipeline split points
     pipeline_blocks: Callable[[Any], list[str]] | None = None
-    #: PEFT target name (as in NxDT configs, e.g. ``qkv_proj``) -> module-name globs
+    #: PEFT target name (as in NxDT configs, e.g. ``qkv_proj``, or an HF name such as ``q_proj``) -> module globs
     peft_targets: Mapping[str, Sequence[str]] = field(default_factory=dict)
     #: module classes that ``activations_checkpoint_recompute`` may name, e.g. CoreAttention
     recompute_modules: Mapping[str, type] = field(default_factory=dict)
     #: counts only the parameters a token uses (MoE); None means all parameters are active
     active_parameters: Callable[[Any], int] | None = None
     plugin: str = ""
+    # -- added in plugin API 2 ------------------------------------------------------------------
+    #: the keyword inputs ``forward`` accepts, in the batch's names
+    inputs: tuple[str, ...] = ("input_ids", "position_ids")
+    #: the inputs every pipeline stage needs (masks, positions); the rest only reach the first stage's use
+    stage_inputs: tuple[str, ...] = ("position_ids",)
+    #: exact parameter count from the config alone (no build); None: count a meta-device build
+    num_parameters: Callable[[Any], int] | None = None
+    #: the recipe ``nxdt run PRESET`` uses without ``--recipe``; None: ``sft`` for causal LMs, else ``pretrain``
+    default_recipe: str | None = None
+
+    @property
+    def recipe_default(self) -> str:
+        """The recipe a preset of this family runs when none is named."""
+        return self.default_recipe or ("sft" if self.task == "causal_lm" else "pretrain")
 
 
 @dataclass(frozen=True)
@@ -154,7 +175,11 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A named loss: ``build(run_config, model_spec) -> callable(logits, batch, model) -> (loss, n_tokens)``."""
+    """A named objective: ``build(run_config, model_spec)`` returns an :class:`Objective`.
+
+    Plugin API 1 losses return ``loss(logits, batch) -> (sum_of_token_losses, token_count)``
+    instead; the engine wraps them (their normaliser is the count of labels that are not -100).
+    """
 
     name: str
     build: Callable[..., Any]
@@ -163,20 +188,59 @@ class LossSpec:
     plugin: str = ""
 
 
+@dataclass
+class LossOutput:
+    """What an objective returns for one micro-batch.
+
+    ``loss`` is a *sum* over the micro-batch's units (tokens for LM, pairs for DPO), so that the
+    engine can divide by the units of the whole global batch whatever the accumulation and
+    data-parallel split. ``metrics`` maps a name to ``(sum, count)``; the trainer logs
+    ``sum / count`` over the global batch (masked-token accuracy, reward margins, aux losses).
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """A recipe's training objective: its loss, its normaliser and its metrics."""
+
+    def count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Units this micro-batch contributes to the global normaliser (known before the forward)."""
+        ...
+
+    def __call__(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> LossOutput:
+        """The loss sum and metrics of one micro-batch from the model's outputs and the whole batch."""
+        ...
+
+
 @dataclass(frozen=True)
 class RecipeSpec:
-    """A training recipe: config defaults, the dataset and loss it uses, the families it supports."""
+    """A training recipe: config defaults, the dataset and objective it uses, the tasks it trains.
+
+    Recipes select models by ``tasks`` (the ModelSpec's ``task``: ``causal_lm``, ``masked_lm``,
+    ...). Two recipes may share a name when they serve different tasks: ``nxdt run bert-tiny
+    --recipe pretrain`` picks the masked-LM one. ``families`` (plugin API 1) still restricts a
+    recipe to named families when set.
+    """
 
     name: str
     description: str
     defaults: Mapping[str, Any]
     dataset: str
     loss: str
-    families: tuple[str, ...] = ()  # empty: any family
+    families: tuple[str, ...] = ()  # empty: any family of a supported task
     plugin: str = ""
-    #: optional task metrics after training: ``evaluate(trainer) -> {name: value}``
+    #: optional task metrics before and after training: ``evaluate(trainer) -> {name: value}``
     evaluate: Callable[[Any], dict[str, float]] | None = None
+    #: the ModelSpec tasks this recipe trains; empty: any task (plugin API 1 recipes)
+    tasks: tuple[str, ...] = ()
 
-    def supports(self, family: str) -> bool:
-        """Whether this recipe can train models of ``family``."""
-        return not self.families or family in self.families
+    def supports(self, spec: ModelSpec | str) -> bool:
+        """Whether this recipe can train ``spec`` (a ModelSpec, or a family name for API 1 callers)."""
+        family = spec if isinstance(spec, str) else spec.family
+        if self.families and family not in self.families:
+            return False
+        if isinstance(spec, str) or not self.tasks:
+            return True
+        return spec.task in self.tasks

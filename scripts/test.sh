@@ -6,4 +6,4 @@ bash scripts/install.sh --test
 export NXDT_DEVICE=cpu
 python -m ruff check core plugins tests bench
 python -m mypy
-python -m pytest -q -p no:cacheprovider tests "$@"
+python -m pytest -q -p no:cacheprovider tests plugins "$@"

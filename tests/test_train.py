@@ -160,16 +160,26 @@ def test_dry_run_and_batch_arithmetic(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["hf_llama3_8B_SFT_config.yaml"])
-def test_nxdt_yaml_dry_run(target):
-    """An upstream NxDT YAML resolves unchanged into a run plan (its paths need not exist)."""
+def test_nxdt_yaml_dry_run(target, tmp_path):
+    """An upstream NxDT YAML resolves into a run plan once its model_config exists; a missing one is an error."""
     anchors = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "nxdt-configs"
     if not (anchors / target).is_file():
         pytest.skip("anchor configs not present")
-    res = subprocess.run([sys.executable, "-m", "nxdt.cli.main", "run", str(anchors / target), "--dry-run", "--json"],
-                         capture_output=True, text=True, env=ENV, timeout=120)
+    cmd = [sys.executable, "-m", "nxdt.cli.main", "run", str(anchors / target), "--dry-run", "--json"]
+    missing = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert missing.returncode == 2 and "/home/ubuntu/config.json does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    from nxdt.resolve import resolve
+
+    preset = resolve("llama3-8b")
+    (tmp_path / "config.json").write_text(json.dumps(preset.spec.config_to_hf(preset.arch)))
+    # The LoRA keys of the anchor are refused until LoRA exists; this anchor has none.
+    res = subprocess.run([*cmd, f"model.model_config={tmp_path / 'config.json'}"], capture_output=True, text=True,
+                         env=ENV, timeout=120)
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     assert plan["family"] == "llama" and plan["recipe"] == "sft" and plan["layout"]["tp"] == 32
+    assert plan["config"]["model"]["num_layers"] == 32
 
 
 def test_model_that_will_not_fit_is_refused_before_loading(tmp_path):

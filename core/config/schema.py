@@ -30,7 +30,9 @@ class TrainerSection(Section):
     check_val_every_n_epoch: int | None = None
     num_sanity_val_steps: int = Field(0, ge=0)
     limit_val_batches: int | float = Field(1.0, ge=0)  # a count of batches, or a fraction when float
-    limit_test_batches: int | float = Field(1.0, ge=0)
+    # the recipe's task evaluation on data.test_dir: a count of global batches, a fraction, 0 = none;
+    # None: up to nxdt.recipes.evaluate.MAX_EVAL_ROWS rows
+    limit_test_batches: int | float | None = Field(None, ge=0)
     gradient_clip_val: float | None = Field(1.0, ge=0)  # None or 0: no clipping
     skip_nan_steps: int = Field(0, ge=0)  # NaN/Inf-loss steps to skip before stopping the run
     lnc: int | None = backend_only("neuron")  # trn2 logical NeuronCore size
@@ -48,7 +50,9 @@ class CheckpointCallbackParams(Section):
     model_parallel_size: int | None = None
     every_n_train_steps: int | None = Field(None, ge=0)
     train_time_interval: float | None = Field(None, gt=0)  # seconds between checkpoints
-    use_master_weights_in_ckpt: bool = False
+    # None (nxdt's default) or True: master-weight modes save the fp32 master (bitwise resume);
+    # False: they do not, and a resume takes the saved bf16 weights as the master
+    use_master_weights_in_ckpt: bool | None = None
 
 
 class ExpManagerSection(Section):
@@ -91,6 +95,8 @@ class DistributedStrategySection(Section):
     zero1: bool = False  # shard optimizer state over data parallel ranks
     sequence_parallel: bool = False
     kv_replicator: int | None = Field(None, ge=1)  # KV-head replication when TP exceeds the KV heads
+    # seconds any collective waits for the other ranks before the job fails naming the stuck rank
+    collective_timeout_s: int = Field(600, ge=1)
 
 
 class TokenizerSection(Section):
@@ -133,6 +139,7 @@ class DataSection(Section):
     seq_length: Count = 2048
     train_dir: str | None = None  # jsonl/arrow/parquet file or directory, or an HF dataset
     val_dir: str | None = None
+    test_dir: str | None = None  # held-out rows for the recipe's task metrics (SFT exact match)
     dev_choose_samples: int | None = Field(None, ge=1)  # use only the first N records
     data_prefix: Annotated[Any, AfterValidator(_check_data_prefix)] = None  # Megatron .bin/.idx prefixes
     splits_string: str | None = None  # train,validation,test weights, e.g. "980,10,10"
@@ -158,6 +165,7 @@ class SftSection(Section):
     """``model_alignment_strategy.sft``."""
 
     packing: bool = False  # concatenate records up to seq_length instead of padding each
+    evaluate_before_training: bool = True  # score the task metrics on the untrained model too
 
 
 class DpoSection(Section):
@@ -231,13 +239,6 @@ class RunConfig(Section):
     bucket_size_collectives: int | None = backend_only("neuron")
     neuron_rt_exec_timeout: int | None = backend_only("neuron")
     neuron_experimental_compress_rg: bool | None = backend_only("neuron")
-
-    @model_validator(mode="after")
-    def _fill_derived(self) -> RunConfig:
-        sched = self.model.optim.sched
-        if sched.max_steps is None:
-            sched.max_steps = self.trainer.max_steps
-        return self
 
     def unused_keys(self, backend: str = "torch") -> list[str]:
         """Dotted paths of keys that were set but that ``backend`` ignores (Neuron/XLA-only keys)."""

@@ -59,7 +59,7 @@ class SchedSection(Section):
 
     name: str = "CosineAnnealing"
     warmup_steps: int = Field(0, ge=0)
-    max_steps: int | None = None  # None: trainer.max_steps (filled in by RunConfig)
+    max_steps: int | None = None  # None or -1: the run's step count (trainer.max_steps, or epochs x steps)
     constant_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
 

@@ -1,14 +1,17 @@
 """``ParallelModel``: the trainer's one handle on a parallelized model, whatever the layout.
 
 Gradient convention (DDP's): after :meth:`ParallelModel.finalize_gradients` every DP rank holds
-the DP *average* of the gradients; the trainer scales the loss by ``dp / global_tokens`` so that
-average is the gradient of the global token-mean loss.
+the DP *average* of the gradients; the trainer scales each micro-batch's loss sum by
+``dp / global_units`` (tokens, pairs: the objective's normaliser over the whole global batch) so
+that average is the gradient of the global mean loss. What each parameter needs (its sync group,
+its replica count for norms, KV replication, tie partner) comes from the per-parameter record.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,8 +21,34 @@ from torch.distributed.tensor import DTensor
 
 from nxdt.parallel import grad_norm
 from nxdt.parallel.grad_norm import local_tensor
+from nxdt.parallel.param_record import ParamTable, build_param_table, clean_name
+from nxdt.specs import LossOutput
 
-_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+@dataclass
+class StepStats:
+    """Sums a forward(-backward) pass accumulated over micro-batches (this rank's share)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> stacked (sum, count)
+
+    def add(self, out: LossOutput) -> None:
+        """Accumulate one micro-batch's loss and metrics."""
+        self.loss = self.loss + out.loss.detach().float()
+        for name, (value, count) in out.metrics.items():
+            pair = torch.stack([_plain(value).detach().float(), _plain(count).detach().float()])
+            self.metrics[name] = self.metrics[name] + pair if name in self.metrics else pair
+
+
+def _plain(t: torch.Tensor | float) -> torch.Tensor:
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    return t if isinstance(t, torch.Tensor) else torch.tensor(float(t))
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], inputs: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The batch entries the model declares as its ``inputs``."""
+    return {k: batch[k] for k in inputs if k in batch and batch[k] is not None}
 
 
 class ParallelModel:
@@ -35,7 +64,8 @@ class ParallelModel:
         precision: Any = None,
         zero1: bool = False,
         flat_optimizer: bool = False,
-        kv: tuple[list[str], int, int] | None = None,
+        records: ParamTable | None = None,
+        inputs: Sequence[str] = ("input_ids", "position_ids"),
         seed: int = 0,
     ):
         self.trainable_module = module
@@ -53,52 +83,80 @@ class ParallelModel:
         self.zero1 = zero1
         self.flat_optimizer = flat_optimizer
         self.seed = seed
+        self.inputs = tuple(inputs)
         self.optimizer: Any = None
-        names = {id(p): n.replace(_WRAPPER_PREFIX, "") for n, p in module.named_parameters()}
-        self.kv_heads, self.kv_replicas = (kv[1], kv[2]) if kv else (1, 1)
-        kv_names = set(kv[0]) if kv else set()
-        self.kv_params = [p for p in module.parameters() if names[id(p)] in kv_names]
-        # 1 / (TP ranks holding an identical copy) per parameter: norms count each value once.
-        self.norm_weight = {
-            id(p): 1.0
-            / grad_norm.tp_replica_count(p, self.tp, self.kv_replicas, is_kv=names[id(p)] in kv_names)
-            for p in module.parameters()
-        }
+        self.records = records if records is not None else build_param_table(module, self.tp)
+        kv = self.records.kv_replicated()
+        self.kv_heads = kv[0].kv_heads if kv else 1
+        self.kv_replicas = kv[0].kv_replicas if kv else 1
+
+    # -- views the checkpoint code reads ------------------------------------------------------------
+    @property
+    def kv_params(self) -> list[nn.Parameter]:
+        """Parameters whose rows hold replicated KV heads."""
+        return [r.param for r in self.records.kv_replicated()]
+
+    @property
+    def checkpoint_aliases(self) -> dict[str, str]:
+        """Local name -> canonical (saved) name where they differ."""
+        return {r.local_name: r.name for r in self.records if r.name != r.local_name}
+
+    @property
+    def norm_weight(self) -> dict[int, float]:
+        """id(parameter) -> its weight in norms (1 / identical copies)."""
+        return {id(r.param): r.norm_weight for r in self.records}
 
     # -- forward and loss ----------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of ``input_ids`` (a vocabulary-sharded DTensor under TP)."""
+    def __call__(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                 **inputs: torch.Tensor) -> Any:
+        """The model's outputs for keyword ``inputs`` (logits are a vocabulary-sharded DTensor under TP)."""
         runner = self.ddp if self.ddp is not None else self.trainable_module
-        return runner(input_ids, position_ids)
+        if input_ids is not None:
+            inputs["input_ids"] = input_ids
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        return runner(**inputs)
 
     def forward_backward(
-        self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float | torch.Tensor, autocast: Any
-    ) -> torch.Tensor:
-        """Forward and backward of each micro-batch, the loss scaled by ``scale``; returns the loss sum."""
-        loss_sum = torch.zeros((), device=micro_batches[0]["input_ids"].device)
+        self,
+        micro_batches: list[dict[str, torch.Tensor]],
+        objective: Any,
+        scale: float | torch.Tensor,
+        autocast: Callable[[], Any],
+        aux_scale: float = 1.0,
+    ) -> StepStats:
+        """Forward and backward of each micro-batch, its loss sum scaled by ``scale``; returns the sums.
+
+        A model's auxiliary loss (MoE load balancing) is weighted by ``aux_scale`` (1 / micro-batches
+        per step), so it counts once per optimizer step however the batch is split.
+        """
+        stats = StepStats(torch.zeros((), device=micro_batches[0]["input_ids"].device))
         for i, mb in enumerate(micro_batches):
             with self.no_sync(i < len(micro_batches) - 1), autocast(), self.loss_parallel():
-                logits = self(mb["input_ids"], mb.get("position_ids"))
-                mb_loss, _ = self.compute_loss(loss_fn, logits, mb)
+                outputs = self(**model_inputs(mb, self.inputs))
+                out = self.compute_loss(objective, outputs, mb)
+                total = out.loss * scale
                 aux = self.auxiliary_loss()
-                (mb_loss * scale + (aux if aux is not None else 0.0)).backward()
-            loss_sum += mb_loss.detach().float()
-        return loss_sum
+                if aux is not None:
+                    total = total + aux * aux_scale
+                    out.metrics.setdefault("aux_loss", (aux.detach(), torch.ones((), device=aux.device)))
+                total.backward()
+            stats.add(out)
+        return stats
 
     @torch.no_grad()
     def forward_loss(
-        self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, autocast: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward-only (loss sum, token count) over ``micro_batches``."""
-        loss_sum = torch.zeros((), device=micro_batches[0]["input_ids"].device)
-        tokens = torch.zeros((), device=loss_sum.device)
+        self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, autocast: Callable[[], Any]
+    ) -> tuple[StepStats, torch.Tensor]:
+        """Forward-only sums over ``micro_batches`` and their normaliser units."""
+        stats = StepStats(torch.zeros((), device=micro_batches[0]["input_ids"].device))
+        units = torch.zeros((), device=stats.loss.device)
         for mb in micro_batches:
             with autocast(), self.loss_parallel():
-                logits = self(mb["input_ids"], mb.get("position_ids"))
-                mb_loss, n = self.compute_loss(loss_fn, logits, mb)
-            loss_sum += mb_loss.float()
-            tokens += n
-        return loss_sum, tokens
+                outputs = self(**model_inputs(mb, self.inputs))
+                stats.add(self.compute_loss(objective, outputs, mb))
+            units += objective.count(mb).float()
+        return stats, units
 
     def loss_parallel(self):
         """Context for the loss forward *and* backward: cross-entropy on vocabulary-sharded logits."""
@@ -108,12 +166,12 @@ class ParallelModel:
             return loss_parallel()
         return contextlib.nullcontext()
 
-    def compute_loss(self, loss_fn: Any, logits: torch.Tensor, batch: dict[str, torch.Tensor]):
-        """``loss_fn(logits, batch)`` with the (replicated) loss returned as a plain tensor."""
-        loss, n = loss_fn(logits, batch)
-        if isinstance(loss, DTensor):
-            loss = loss.full_tensor()
-        return loss, n
+    def compute_loss(self, objective: Any, outputs: Any, batch: Mapping[str, torch.Tensor]) -> LossOutput:
+        """``objective(outputs, batch)`` with the (replicated) loss returned as a plain tensor."""
+        out = objective(outputs, batch)
+        if isinstance(out.loss, DTensor):
+            out.loss = out.loss.full_tensor()
+        return out
 
     def no_sync(self, skip_sync: bool):
         """Suppress the DP gradient all-reduce for accumulation micro-batches."""
@@ -133,21 +191,14 @@ class ParallelModel:
             self.optimizer = build(self.trainable_module, optim_cfg, do_layer_norm_weight_decay)
             return self.optimizer
         from nxdt.errors import ConfigError
-        from nxdt.parallel.zero1 import FlatShardedAdamW
-        from nxdt.train.optim import ADAMW_NAMES, param_groups
+        from nxdt.parallel.zero1 import ADAMW_NAMES, FlatShardedAdamW, decay_groups
 
         name = optim_cfg.name or "adamw"
         if name not in ADAMW_NAMES:
             raise ConfigError(f"model.optim.name: unsupported optimizer {name!r}; supported: {', '.join(ADAMW_NAMES)}")
-        names = {id(p): n.replace(_WRAPPER_PREFIX, "") for n, p in self.trainable_module.named_parameters()}
-        groups = param_groups(self.trainable_module, optim_cfg.weight_decay or 0.0, bool(do_layer_norm_weight_decay))
-        named = [
-            {"names": [names[id(p)] for p in g["params"]], "params": g["params"], "weight_decay": g["weight_decay"]}
-            for g in groups
-            if g["params"]
-        ]
+        groups = decay_groups(self.records.trainable(), optim_cfg.weight_decay or 0.0, bool(do_layer_norm_weight_decay))
         self.optimizer = FlatShardedAdamW(
-            named,
+            groups,
             lr=optim_cfg.lr,
             betas=tuple(optim_cfg.betas or (0.9, 0.95)),
             eps=getattr(optim_cfg, "eps", None) or 1e-8,
@@ -167,12 +218,14 @@ class ParallelModel:
     @torch.no_grad()
     def finalize_gradients(self) -> None:
         """Sum replicated-KV gradients over their copies, then average gradients over DP (unless DDP did)."""
-        for p in self.trainable_module.parameters():
+        trainable = [r.param for r in self.records.trainable()]
+        for p in trainable:
             grad_norm.align_grad_(p)
-        if self.kv_replicas > 1:
+        kv = [p for p in self.kv_params if p.requires_grad]
+        if self.kv_replicas > 1 and kv:
             from nxdt.parallel.kv_replication import sum_replica_grads_
 
-            sum_replica_grads_(self._local_grads(self.kv_params), self.kv_heads, self.kv_replicas, self.tp_mesh)
+            sum_replica_grads_(self._local_grads(kv), self.kv_heads, self.kv_replicas, self.tp_mesh)
         if self.flat_optimizer:
             # Non-ZeRO flat optimizers own one shard per rank: they still need the DP average.
             self.optimizer.reduce_gradients()
@@ -181,7 +234,7 @@ class ParallelModel:
                     dist.all_reduce(g, group=self.dp_group)
                     g.div_(self.dp)
         elif self.ddp is None and self.dp_group is not None:
-            grads = self._local_grads(list(self.trainable_module.parameters()))
+            grads = self._local_grads(trainable)
             _all_reduce_mean_coalesced(grads, self.dp_group, self.dp)
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
@@ -191,9 +244,9 @@ class ParallelModel:
             sq = grad_norm.weighted_sq_sum(grads, self._norm_weight_shards[: len(grads)])
             groups = [self.dp_group if self.zero1 else None, self.tp_group, self.pp_group]
         else:
-            params = [p for p in self.trainable_module.parameters() if p.grad is not None]
-            grads = [local_tensor(p.grad) for p in params]
-            sq = grad_norm.weighted_sq_sum(grads, [self.norm_weight[id(p)] for p in params])
+            records = [r for r in self.records.trainable() if r.param.grad is not None]
+            grads = [local_tensor(r.param.grad) for r in records]
+            sq = grad_norm.weighted_sq_sum(grads, [r.norm_weight for r in records])
             groups = [self.tp_group, self.pp_group]
         total = grad_norm.reduce_norm(sq, groups)
         grad_norm.clip_(grads, total, max_norm)
@@ -202,10 +255,9 @@ class ParallelModel:
     @torch.no_grad()
     def parameter_norm(self) -> float:
         """L2 norm of all parameters, replicated values counted once."""
-        params = list(self.trainable_module.parameters())
-        if not params:
+        if not len(self.records):
             return 0.0
-        sq = grad_norm.weighted_sq_sum([local_tensor(p) for p in params], [self.norm_weight[id(p)] for p in params])
+        sq = grad_norm.weighted_sq_sum([local_tensor(r.param) for r in self.records], [r.norm_weight for r in self.records])
         return grad_norm.reduce_norm(sq, [self.tp_group, self.pp_group])
 
     # -- export --------------------------------------------------------------------------------
@@ -214,13 +266,13 @@ class ParallelModel:
         """Unsharded parameters under single-device FQNs, each KV head once (for HF export and tests)."""
         from nxdt.parallel.kv_replication import unreplicate_kv
 
-        kv_ids = {id(p) for p in self.kv_params}
         out = {}
-        for name, p in self.trainable_module.named_parameters():
+        for r in self.records:
+            p = r.param
             full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-            if id(p) in kv_ids:
-                full = unreplicate_kv(full, self.kv_heads, self.kv_replicas)
-            out[name.replace(_WRAPPER_PREFIX, "")] = full.clone()
+            if r.is_kv_replicated:
+                full = unreplicate_kv(full, r.kv_heads, r.kv_replicas)
+            out[r.local_name] = full.clone()
         return out
 
     def train(self) -> None:
@@ -245,3 +297,6 @@ def _all_reduce_mean_coalesced(tensors: list[torch.Tensor], group: Any, size: in
         for t in same:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+__all__ = ["ParallelModel", "StepStats", "clean_name", "model_inputs"]

@@ -29,7 +29,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_s
 
 from nxdt.errors import ConfigError, NxdtError
 from nxdt.parallel.grad_norm import align_grad_
-from nxdt.parallel.model import ParallelModel
+from nxdt.parallel.model import ParallelModel, StepStats, model_inputs
 
 #: pipeline cost of the input embedding and of the LM head, in decoder layers (torchtitan's default)
 EMBEDDING_COST = 1
@@ -202,6 +202,7 @@ class PipelineModel(ParallelModel):
         schedule: str | None,
         n_microbatches: int,
         device: torch.device,
+        stage_inputs: Sequence[str] = ("position_ids",),
         **kwargs: Any,
     ):
         super().__init__(module, None, **kwargs)
@@ -210,25 +211,23 @@ class PipelineModel(ParallelModel):
         self.pp_mesh = self.mesh["pp"]
         self.pp_group = self.pp_mesh.get_group()
         self.has_last = plan.n_stages - 1 in plan.stage_ids
+        self.stage_inputs = tuple(stage_inputs)
         self.stages = [
             PipelineStage(view, s, plan.n_stages, device, group=self.pp_group)
             for view, s in zip(stage_views(module, plan), plan.stage_ids)
         ]
         cls = schedule_class(schedule, parallel.vpp)
         first = self.stages[0] if issubclass(cls, PipelineScheduleSingle) else self.stages
-        # Our loss is already divided by the global token count: the schedule must not rescale.
+        # Our loss is already divided by the global normaliser: the schedule must not rescale.
         self.schedule = cls(first, n_microbatches, loss_fn=self._stage_loss, scale_grads=False)
         self.n_microbatches = n_microbatches
         self._step: dict[str, Any] = {}
-        self.tied_params, self.tie_group = self._tie(module, plan.tied)
-        # The last stage holds the tied LM head under its own name; checkpoints key it as one process does.
-        self.checkpoint_aliases = dict(plan.aliases)
+        self.tied_params = [r.param for r in self.records if r.tie is not None]
+        self.tie_group = self._tie_group() if plan.tied else None
 
     # -- tied input and output embeddings ------------------------------------------------------
-    def _tie(self, module: nn.Module, tied: list[str]) -> tuple[list[nn.Parameter], Any]:
-        """This rank's halves of tied parameters and the group of first and last pipeline ranks."""
-        if not tied:
-            return [], None
+    def _tie_group(self) -> Any:
+        """The group of this rank's first and last pipeline ranks (which hold the two halves of a tie)."""
         mesh = self.mesh.mesh  # ranks laid out (pp, dp, cp, tp)
         group = None
         # new_group is collective over the world: every rank creates every pair in the same order.
@@ -237,12 +236,7 @@ class PipelineModel(ParallelModel):
             g = dist.new_group(ranks)
             if dist.get_rank() in ranks:
                 group = g
-        params = dict(module.named_parameters(remove_duplicate=False))
-        mine = [params[n] for n in tied if n in params]
-        for p in mine:
-            # The first and the last stage each hold a copy: count it once in norms.
-            self.norm_weight[id(p)] *= 0.5
-        return mine, group
+        return group
 
     @torch.no_grad()
     def finalize_gradients(self) -> None:
@@ -255,7 +249,7 @@ class PipelineModel(ParallelModel):
         super().finalize_gradients()
 
     # -- forward, backward and loss ------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Not available: under pipeline parallelism no rank holds the whole model."""
         raise NxdtError("pipeline parallelism: the whole-model forward is unavailable; use forward_backward/forward_loss")
 
@@ -263,54 +257,78 @@ class PipelineModel(ParallelModel):
         """No auxiliary loss crosses pipeline stages."""
         return None
 
-    def _stage_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The schedule's per-micro-batch loss: the token sum scaled like train_step scales it."""
-        loss, n = self.compute_loss(self._step["loss_fn"], logits, {"labels": labels})
-        self._step["pairs"].append(torch.stack([loss.detach().float(), n.float()]))
-        return loss * self._step["scale"]
+    def _stage_loss(self, outputs: Any, rows: torch.Tensor) -> torch.Tensor:
+        """The schedule's per-micro-batch loss on the last stage: the objective sees the whole micro-batch.
 
-    def _run(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: Any, train: bool) -> torch.Tensor:
-        """One schedule pass over ``micro_batches``; (loss sum, tokens) summed onto every pipeline rank."""
-        extra = set(micro_batches[0]) - {"input_ids", "position_ids", "labels"}
-        if extra:
-            raise NxdtError(f"pipeline parallelism: the loss sees only labels, but the batch also carries {sorted(extra)}")
-        input_ids = torch.cat([mb["input_ids"] for mb in micro_batches])
-        labels = torch.cat([mb["labels"] for mb in micro_batches])
-        if micro_batches[0].get("position_ids") is not None:
-            position_ids = torch.cat([mb["position_ids"] for mb in micro_batches])
-        else:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        self._step = {"loss_fn": loss_fn, "scale": scale, "pairs": []}
+        The schedule's "target" is each micro-batch's row indices into the step's batch, so the
+        objective receives every batch key (labels, masks, pair ids), not only one target tensor.
+        """
+        batch = {k: v[rows] for k, v in self._step["batch"].items()}
+        out = self.compute_loss(self._step["objective"], outputs, batch)
+        self._step["outs"].append(out)
+        return out.loss * self._step["scale"]
+
+    def _run(self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, scale: Any, train: bool) -> StepStats:
+        """One schedule pass over ``micro_batches``; the sums are handed to every pipeline rank."""
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
+        input_ids = batch["input_ids"]
+        kwargs = model_inputs(batch, [k for k in self.inputs if k != "input_ids"])
+        if "position_ids" in self.inputs and "position_ids" not in kwargs:
+            # Every stage needs positions (RoPE, masks); the schedule splits them like the inputs.
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        self._step = {"objective": objective, "scale": scale, "outs": [], "batch": batch}
         run = self.schedule.step if train else self.schedule.eval
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         with self.loss_parallel():
-            # Keyword inputs reach every stage (positional ones only the first): RoPE needs the positions.
-            run(input_ids, position_ids=position_ids, target=labels, return_outputs=False)
+            # Keyword inputs reach every stage (positional ones only the first).
+            run(input_ids, **kwargs, target=rows, return_outputs=False)
         # The schedule's first step also calls the loss on placeholder activations to infer
         # gradient shapes; the micro-batches' own losses are the last n_microbatches calls.
-        pairs = self._step["pairs"][-self.n_microbatches :] if self.has_last else []
-        pair = torch.stack(pairs).sum(0) if pairs else torch.zeros(2, device=input_ids.device)
-        # Only the last stage computed the loss; the sum over the pipeline hands it to every rank.
-        dist.all_reduce(pair, group=self.pp_group)
-        return pair
+        outs = self._step["outs"][-self.n_microbatches :] if self.has_last else []
+        stats = StepStats(torch.zeros((), device=input_ids.device))
+        for out in outs:
+            stats.add(out)
+        return self._share_last_stage(stats, objective)
 
-    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any, scale: float | torch.Tensor,
-                         autocast: Callable[[], Any]) -> torch.Tensor:
-        """Run the step's micro-batches through the training schedule; returns this DP rank's loss sum."""
+    def _share_last_stage(self, stats: StepStats, objective: Any) -> StepStats:
+        """Only the last stage computed the loss: a sum over the pipeline hands it to every rank."""
+        names = sorted(stats.metrics) if self.has_last else []
+        box = [names]
+        # The last pipeline rank knows the metric names; the others learn them before the sum.
+        last = dist.get_global_rank(self.pp_group, self.pp - 1)
+        dist.broadcast_object_list(box, src=last, group=self.pp_group)
+        names = box[0]
+        device = stats.loss.device
+        flat = torch.cat([stats.loss.reshape(1).float()] + [stats.metrics.get(n, torch.zeros(2, device=device)) for n in names])
+        dist.all_reduce(flat, group=self.pp_group)
+        return StepStats(flat[0], {n: flat[1 + 2 * i : 3 + 2 * i] for i, n in enumerate(names)})
+
+    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, scale: float | torch.Tensor,
+                         autocast: Callable[[], Any], aux_scale: float = 1.0) -> StepStats:
+        """Run the step's micro-batches through the training schedule; returns this DP rank's sums."""
         with autocast():
-            return self._run(micro_batches, loss_fn, scale, train=True)[0]
+            return self._run(micro_batches, objective, scale, train=True)
 
     @torch.no_grad()
-    def forward_loss(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: Any,
-                     autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward-only schedule passes over ``micro_batches`` (a multiple of n_microbatches): (loss sum, tokens)."""
-        total = torch.zeros(2, device=micro_batches[0]["input_ids"].device)
+    def forward_loss(self, micro_batches: list[dict[str, torch.Tensor]], objective: Any,
+                     autocast: Callable[[], Any]) -> tuple[StepStats, torch.Tensor]:
+        """Forward-only schedule passes over ``micro_batches`` (a multiple of n_microbatches): sums and units."""
         n = self.n_microbatches
         if len(micro_batches) % n:
             raise NxdtError(f"pipeline validation: {len(micro_batches)} micro-batches are not a multiple of {n}")
+        total: StepStats | None = None
         with autocast():
             for i in range(0, len(micro_batches), n):
-                total += self._run(micro_batches[i : i + n], loss_fn, 1.0, train=False)
-        return total[0], total[1]
+                part = self._run(micro_batches[i : i + n], objective, 1.0, train=False)
+                if total is None:
+                    total = part
+                else:
+                    total.loss = total.loss + part.loss
+                    for k, v in part.metrics.items():
+                        total.metrics[k] = total.metrics[k] + v if k in total.metrics else v
+        units = torch.stack([objective.count(mb).float() for mb in micro_batches]).sum()
+        assert total is not None
+        return total, units
 
     # -- norms and export ----------------------------------------------------------------------
     @torch.no_grad()
@@ -325,8 +343,9 @@ class PipelineModel(ParallelModel):
         return out
 
 
-def plan_pipeline(model: nn.Module, run: Any, parallel: Any, mesh: Any, cfg: Any) -> StagePlan:
+def plan_pipeline(model: nn.Module, ctx: Any) -> StagePlan:
     """This rank's StagePlan for ``model``, from the family's blocks and ``model.pipeline_cuts``."""
+    run, parallel, mesh, cfg = ctx.run, ctx.parallel, ctx.mesh, ctx.cfg
     if run.spec.pipeline_blocks is None:
         raise ConfigError(f"{run.family}: the family declares no pipeline_blocks, so it cannot be pipelined")
     if getattr(run.spec, "is_moe", False):

@@ -29,9 +29,18 @@ import torch.distributed as dist
 
 from nxdt.parallel.grad_norm import align_grad_, local_tensor
 from nxdt.parallel.precision import torch_dtype, write_rounded_
+from nxdt.weight_decay import ADAMW_NAMES, named_decay_groups
+
+__all__ = ["ADAMW_NAMES", "STATE_KEYS", "FlatGroup", "FlatShardedAdamW", "decay_groups"]
 
 #: the per-element AdamW state of each flat slice
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def decay_groups(records: list[Any], weight_decay: float, decay_norms_and_biases: bool) -> list[dict[str, Any]]:
+    """Named decay / no-decay groups of the trainable parameter records (local names, as checkpoints map them)."""
+    named = [(r.local_name, r.param) for r in records]
+    return [g for g in named_decay_groups(named, weight_decay, decay_norms_and_biases) if g["params"]]
 
 
 @dataclass

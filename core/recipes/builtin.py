@@ -1,4 +1,8 @@
-"""The engine's own plugin: the `pretrain` and `sft` recipes, their datasets and the causal-LM loss."""
+"""The engine's own plugin: the `pretrain` and `sft` recipes for causal LMs, their datasets and objective.
+
+Recipes select models by task, never by family: any family whose ModelSpec says
+``task="causal_lm"`` trains with them, a pip-installed third-party family included.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from nxdt.recipes.evaluate import sft_exact_match
 from nxdt.recipes.losses import build_causal_lm_loss
 from nxdt.specs import DatasetSpec, LossSpec, RecipeSpec
 
-CAUSAL_FAMILIES = ("llama", "gpt", "mixtral")
+#: the model task the engine recipes train; other tasks bring recipes of their own (plugin API 2)
+CAUSAL_LM = ("causal_lm",)
 
 
 def _defaults(lr: float, warmup_steps: int, **extra: dict) -> dict:
@@ -44,7 +49,7 @@ def nxdt_register_recipes(register):
             defaults=PRETRAIN_DEFAULTS,
             dataset="pretrain",
             loss="causal_lm",
-            families=CAUSAL_FAMILIES,
+            tasks=CAUSAL_LM,
         )
     )
     register(
@@ -54,7 +59,7 @@ def nxdt_register_recipes(register):
             defaults=SFT_DEFAULTS,
             dataset="sft",
             loss="causal_lm",
-            families=CAUSAL_FAMILIES,
+            tasks=CAUSAL_LM,
             evaluate=sft_exact_match,
         )
     )

@@ -99,10 +99,13 @@ def check_named_modules(spec: ModelSpec, cfg: Any) -> None:
     if spec.pipeline_blocks is not None:
         missing = [name for name in spec.pipeline_blocks(cfg) if not fnmatch.filter(modules, name)]
         assert not missing, f"{spec.family}: pipeline_blocks name no module: {missing}"
-    for target, globs in spec.peft_targets.items():
-        assert any(fnmatch.filter(modules, g) for g in globs), (
-            f"{spec.family}: PEFT target {target!r} ({globs}) matches no module"
-        )
+    unmatched = [t for t, globs in spec.peft_targets.items() if not any(fnmatch.filter(modules, g) for g in globs)]
+    fuse_flags = {f: False for f in ("fuse_qkv", "fuse_gate_up") if getattr(cfg, f, False)}
+    if unmatched and fuse_flags and dataclasses.is_dataclass(cfg):
+        # HF single-projection names (q_proj) have no module in a fused layout; the unfused one must have them.
+        unfused = dict(build_on_meta(spec, dataclasses.replace(cfg, **fuse_flags)).named_modules())
+        unmatched = [t for t in unmatched if not any(fnmatch.filter(unfused, g) for g in spec.peft_targets[t])]
+    assert not unmatched, f"{spec.family}: PEFT targets {unmatched} match no module"
     present = {type(m) for m in modules.values()}
     for name, cls in spec.recompute_modules.items():
         assert cls in present, (

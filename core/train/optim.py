@@ -8,24 +8,13 @@ import torch
 from torch import nn
 
 from nxdt.errors import ConfigError
-
-# NxDT optimizer names; the fp32OptState variant keeps optimizer state in fp32, which nxdt does
-# whenever master weights are kept (see nxdt.parallel.precision), so both map to AdamW here.
-ADAMW_NAMES = ("adamw", "adamw_fp32OptState", "adam")
+from nxdt.weight_decay import ADAMW_NAMES, named_decay_groups
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norms_and_biases: bool) -> list[dict[str, Any]]:
     """Split trainable parameters into decayed and non-decayed groups (1-D tensors are norms/biases)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if decay_norms_and_biases or param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    groups = named_decay_groups(model.named_parameters(), weight_decay, decay_norms_and_biases)
+    return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Any, do_layer_norm_weight_decay: bool) -> torch.optim.Optimizer:
@@ -44,6 +33,8 @@ def build_optimizer(model: nn.Module, optim_cfg: Any, do_layer_norm_weight_decay
         "betas": tuple(optim_cfg.betas or (0.9, 0.95)),
         "eps": getattr(optim_cfg, "eps", None) or 1e-8,
     }
+    if on_cuda and getattr(optim_cfg, "capturable", False):
+        kwargs["capturable"] = True  # step counters stay on the device (CUDA-graph capture); CPU has no such mode
     if on_cuda and not is_dtensor:
         kwargs["fused"] = True
     else:

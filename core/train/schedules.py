@@ -15,7 +15,9 @@ def lr_factor_fn(sched: Any, base_lr: float, max_steps: int) -> Callable[[int], 
     """A function step -> multiplier of ``base_lr`` for the configured schedule."""
     name = (sched.name if sched else None) or "constant"
     warmup = int(getattr(sched, "warmup_steps", 0) or 0)
-    total = int(getattr(sched, "max_steps", None) or max_steps)
+    # The schedule's own length, else the run's (an epoch-based run's max_steps is -1 until the data is known).
+    own = getattr(sched, "max_steps", None)
+    total = int(own) if own is not None and own > 0 else max_steps
     min_lr = float(getattr(sched, "min_lr", 0.0) or 0.0)
     constant_steps = int(getattr(sched, "constant_steps", 0) or 0)
     min_factor = min_lr / base_lr if base_lr else 0.0

@@ -1,8 +1,10 @@
 """The training loop: micro-batches, accumulation, clipping, logging, validation and checkpoints.
 
-The trainer sees a model only through its ModelSpec and the plugin host; it never imports model
-code. Losses are sums over tokens divided by the token count of the whole global batch, so the
-loss and the gradients are the same whatever the data-parallel size and accumulation split.
+The trainer sees a model only through its ModelSpec, the plugin host and the run context; it
+never imports model code. The recipe's objective returns loss *sums* and counts its normaliser
+units (tokens, pairs) before the forward; each micro-batch's sum is divided by the units of the
+whole global batch, so the loss and the gradients are the same whatever the data-parallel size
+and accumulation split. Objective metrics are (sum, count) pairs, logged as global means.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch
 import torch.distributed as dist
 
 from nxdt.errors import ConfigError, NxdtError
-from nxdt.parallel.world import World, build_mesh
-from nxdt.plugin_host import PluginHost, get_host
-from nxdt.resolve import ResolvedRun, gradient_accumulation
+from nxdt.parallel.model import StepStats
+from nxdt.parallel.world import World
+from nxdt.plugin_host import PluginHost
+from nxdt.resolve import ResolvedRun
+from nxdt.run_context import RunContext
 from nxdt.train.exp_manager import MetricsLogger, run_directory
 from nxdt.train.fit_check import check_model_fits
 from nxdt.train.optim import build_optimizer
@@ -53,81 +57,113 @@ class Trainer:
     """Builds the model, data and optimizer of a resolved run, and trains it."""
 
     def __init__(self, resolved: ResolvedRun, world: World, host: PluginHost | None = None):
-        self.run = resolved
-        self.cfg = resolved.config
-        self.world = world
-        self.host = host or get_host()
-        self.parallel = resolved.parallel_dims(world.world_size)
-        self.mesh = build_mesh(world, self.parallel)
+        self.ctx = RunContext.create(resolved, world, host)
         self.state = TrainState()
-        self.grad_accum = gradient_accumulation(self.cfg, self.parallel.dp)
         self.run_dir = run_directory(self.cfg, world.is_distributed)
+
+    # The run context's facts, under the names the recipes and checkpoint code read.
+    run = property(lambda self: self.ctx.run)
+    cfg = property(lambda self: self.ctx.cfg)
+    world = property(lambda self: self.ctx.world)
+    host = property(lambda self: self.ctx.host)
+    parallel = property(lambda self: self.ctx.parallel)
+    mesh = property(lambda self: self.ctx.mesh)
+    grad_accum = property(lambda self: self.ctx.grad_accum)
+    precision = property(lambda self: self.ctx.precision)
 
     # -- set-up --------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Build (on meta), parallelize and materialize the model; build data, optimizer and schedule."""
+        """Build (on meta), parallelize and materialize the model; build data, objective, optimizer and schedule."""
         from nxdt.parallel.apply import parallelize
         from nxdt.recipes.data import build_data
+        from nxdt.recipes.losses import as_objective
 
-        torch.manual_seed(self.cfg.seed)
-        self.precision = self.cfg.precision.resolved(self.cfg.model.optim.name)
+        ctx, cfg = self.ctx, self.cfg
+        torch.manual_seed(cfg.seed)
         with torch.device("meta"):
             model = self.host.build_model(self.run.spec, self.run.arch)
-        check_model_fits(self, model)  # before any weight is allocated
-        self.model = parallelize(model, self)
-        self.loss_fn = self.host.loss(self.run.recipe.loss if self.run.recipe else "causal_lm").build(
-            self.cfg, self.run.spec
-        )
-        self.data = build_data(self)
-        optim_cfg = self.cfg.model.optim
-        self.optimizer = self.model.build_optimizer(build_optimizer, optim_cfg, self.cfg.model.do_layer_norm_weight_decay)
+        check_model_fits(ctx, model)  # before any weight is allocated
+        self.model = parallelize(model, ctx)
+        loss_name = self.run.recipe.loss if self.run.recipe else "causal_lm"
+        self.objective = as_objective(self.host.loss(loss_name).build(cfg, self.run.spec))
+        self.data = build_data(ctx)
+        optim_cfg = cfg.model.optim
+        self.optimizer = self.model.build_optimizer(build_optimizer, optim_cfg, cfg.model.do_layer_norm_weight_decay)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg.sched, optim_cfg.lr, self.max_steps)
         self.logger = MetricsLogger(
-            self.run_dir, enabled=self.world.is_main, tensorboard=bool(self.cfg.exp_manager.create_tensorboard_logger)
+            self.run_dir, enabled=self.world.is_main, tensorboard=bool(cfg.exp_manager.create_tensorboard_logger)
         )
         if self.world.is_main:
-            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         from nxdt.train.checkpointing import build_checkpointer
 
         self.checkpointer = build_checkpointer(self)
+        # Dropout draws from the global generator: equal on the TP ranks of one replica (their
+        # replicated activations must agree), different across data-parallel replicas.
+        torch.manual_seed(cfg.seed + 7919 * ctx.dp_rank + 1)
+
+    @property
+    def loss_fn(self) -> Any:
+        """The objective (kept under its plugin API 1 name)."""
+        return self.objective
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training set."""
+        return max(1, self.data.train_samples // self.cfg.data.global_batch_size)
 
     @property
     def max_steps(self) -> int:
-        """``trainer.max_steps``, or the steps of ``max_epochs`` epochs when max_steps is unset."""
+        """``trainer.max_steps``, or ``max_epochs`` epochs of the training set when max_steps is unset (-1)."""
         max_steps = self.cfg.trainer.max_steps
         epochs = self.cfg.trainer.max_epochs
         if (max_steps is None or max_steps < 0) and epochs and epochs > 0:
-            return epochs * (self.data.train_samples // self.cfg.data.global_batch_size)
+            return epochs * self.steps_per_epoch
         if max_steps is None or max_steps < 0:
-            raise ConfigError("set trainer.max_steps or trainer.max_epochs")
+            raise ConfigError("set trainer.max_steps or trainer.max_epochs (a positive number)")
         return max_steps
 
     # -- one step ------------------------------------------------------------------------------
     def _autocast(self):
+        stack = contextlib.ExitStack()
         if self.precision.compute_dtype == "bf16" and self.precision.param_dtype == "fp32":
-            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(self.world.device.type, dtype=torch.bfloat16))
+        if not self.cfg.model.fusions.flash_attention:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            # fusions.flash_attention=false: the unfused (math) attention kernel
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
 
     def _all_reduce_dp(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.parallel.dp > 1:
             dist.all_reduce(tensor, group=self.mesh["dp"].get_group())
         return tensor
 
+    def _global_metrics(self, stats: StepStats) -> dict[str, float]:
+        """Objective metrics as global means: (sum, count) pairs summed over DP, then divided."""
+        if not stats.metrics:
+            return {}
+        names = sorted(stats.metrics)
+        pairs = self._all_reduce_dp(torch.stack([stats.metrics[n] for n in names]))
+        return {n: (s / max(c, 1e-12)) for n, (s, c) in zip(names, pairs.tolist())}
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Forward/backward over the step's micro-batches, then clip and update."""
         model = self.model
-        # The token count of the whole global batch normalises every micro-batch's loss sum. It stays
-        # a device tensor until the loss is read, so an accelerator is synchronised once per step.
-        local_tokens = torch.stack([(mb["labels"] != -100).sum() for mb in micro_batches]).sum().float()
-        global_tokens = self._all_reduce_dp(local_tokens.reshape(1))[0]
+        # The objective's units of the whole global batch normalise every micro-batch's loss sum. They
+        # stay a device tensor until the loss is read, so an accelerator is synchronised once per step.
+        local_units = torch.stack([self.objective.count(mb) for mb in micro_batches]).sum().float()
+        global_units = self._all_reduce_dp(local_units.reshape(1))[0]
         # DDP averages gradients over DP ranks; multiplying by dp makes that average a global sum.
-        scale = self.parallel.dp / global_tokens.clamp_min(1.0)
-        loss_sum = model.forward_backward(micro_batches, self.loss_fn, scale, self._autocast)
-        loss_total, tokens = torch.cat([self._all_reduce_dp(loss_sum.reshape(1)), global_tokens.reshape(1)]).tolist()
-        if tokens == 0:
-            raise NxdtError(f"step {self.state.step + 1}: the global batch has no target tokens (all labels masked)")
-        loss = loss_total / tokens
+        scale = self.parallel.dp / global_units.clamp_min(1.0)
+        stats = model.forward_backward(micro_batches, self.objective, scale, self._autocast, 1.0 / len(micro_batches))
+        loss_total, units = torch.cat([self._all_reduce_dp(stats.loss.reshape(1)), global_units.reshape(1)]).tolist()
+        if units == 0:
+            raise NxdtError(f"step {self.state.step + 1}: the global batch has nothing to train on (all labels masked)")
+        loss = loss_total / units
         metrics: dict[str, float] = {"loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+        metrics.update(self._global_metrics(stats))
         if not math.isfinite(loss):
             return metrics | {"nonfinite": 1.0}
         model.finalize_gradients()
@@ -142,16 +178,31 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def validate(self) -> float | None:
-        """Token-mean validation loss over ``limit_val_batches`` global batches, reduced over DP."""
-        batches = self.data.val_batches()
+    def validate(self, limit: int | None = None) -> dict[str, float] | None:
+        """Validation loss (global mean per objective unit) and metrics, over ``limit_val_batches`` batches."""
+        batches = self.data.val_batches(limit)
         if batches is None:
             return None
         self.model.eval()
-        loss_sum, tokens = self.model.forward_loss(batches, self.loss_fn, self._autocast)
+        stats, units = self.model.forward_loss(batches, self.objective, self._autocast)
         self.model.train()
-        pair = self._all_reduce_dp(torch.stack([loss_sum, tokens.float()]))
-        return (pair[0] / pair[1].clamp_min(1)).item()
+        pair = self._all_reduce_dp(torch.stack([stats.loss, units.float()]))
+        out = {"val_loss": (pair[0] / pair[1].clamp_min(1)).item()}
+        out.update({f"val_{k}": v for k, v in self._global_metrics(stats).items()})
+        return out
+
+    def _validation_due(self, step: int, max_steps: int) -> bool:
+        """Lightning semantics: ``val_check_interval`` (steps, or a fraction of an epoch), epochs, the end."""
+        trainer_cfg = self.cfg.trainer
+        if step == max_steps:
+            return True
+        every = trainer_cfg.val_check_interval
+        if isinstance(every, float) and 0 < every <= 1:
+            every = max(1, int(self.steps_per_epoch * every))
+        if isinstance(every, int | float) and every > 0 and step % int(every) == 0:
+            return True
+        epochs = trainer_cfg.check_val_every_n_epoch
+        return bool(epochs) and step % (epochs * self.steps_per_epoch) == 0
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -159,12 +210,16 @@ class Trainer:
         self.setup()
         result = TrainResult(run_dir=str(self.run_dir))
         self.checkpointer.maybe_resume()
-        baseline = self._evaluate() if self.state.step == 0 else {}
+        baseline = self._evaluate(before=True) if self.state.step == 0 else {}
         max_steps = self.max_steps
         log_every = max(1, self.cfg.trainer.log_every_n_steps or 1)
-        val_every = self.cfg.trainer.val_check_interval
         progress = ProgressReporter(max_steps, self.state.step, enabled=self.world.is_main)
         self._report_start(progress)
+        sanity = self.cfg.trainer.num_sanity_val_steps
+        if sanity and self.state.step == 0:
+            checked = self.validate(limit=sanity)
+            if checked is not None:
+                progress.print(f"sanity validation ({sanity} batches): val_loss={checked['val_loss']:.4f}")
         flops_per_token = self.run.spec.flops_per_token(self.run.arch, self.cfg.data.seq_length)
         peak = _peak_flops(self.world.device)
         tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_length
@@ -188,11 +243,11 @@ class Trainer:
                     metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * self.world.world_size)
                 if self.cfg.exp_manager.log_parameter_norm:
                     metrics["param_norm"] = self.model.parameter_norm()
-                if (isinstance(val_every, int) and val_every > 0 and step % val_every == 0) or step == max_steps:
+                if self._validation_due(step, max_steps):
                     val = self.validate()
                     if val is not None:
-                        metrics["val_loss"] = val
-                        result.val_losses[step] = val
+                        metrics.update(val)
+                        result.val_losses[step] = val["val_loss"]
                 result.losses.append(metrics["loss"])
                 log_now = step % log_every == 0 or step == max_steps
                 if log_now or "val_loss" in metrics:
@@ -225,17 +280,25 @@ class Trainer:
             f"world={self.world.world_size} (dp={p.dp} tp={p.tp} pp={p.pp}), device={self.world.device.type}, "
             f"precision={self.cfg.precision.type}, grad_accum={self.grad_accum}, run_dir={self.run_dir}"
         )
+        for line in self.run.notes:
+            progress.print(f"note: {line}")
         for line in self.data.report():
             progress.print(line)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, before: bool = False) -> dict[str, float]:
         recipe = self.run.recipe
-        if recipe is not None and recipe.evaluate is not None and self.parallel.pp > 1:
+        if recipe is None or recipe.evaluate is None:
+            return {}
+        if before and self.cfg.model_alignment_strategy is not None:
+            sft = self.cfg.model_alignment_strategy.sft
+            if sft is not None and not sft.evaluate_before_training:
+                return {}
+        if self.parallel.pp > 1:
             # Task metrics generate token by token through the whole model, which no pipeline rank holds.
             if self.world.is_main:
                 logger.warning("%s task metrics are skipped under pipeline parallelism (pp=%d)", recipe.name, self.parallel.pp)
             return {}
-        return (recipe.evaluate(self) or {}) if recipe is not None and recipe.evaluate is not None else {}
+        return recipe.evaluate(self) or {}
 
     def _final_metrics(self, baseline: dict[str, float], progress: ProgressReporter) -> dict[str, Any]:
         """The recipe's task metrics after training, beside the same metrics before it."""
@@ -245,6 +308,7 @@ class Trainer:
             self.logger.log(self.state.step, metrics)
             progress.print("task metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         return metrics
+
 
 def _peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak of known accelerators (FLOP/s); None where unknown (CPU)."""

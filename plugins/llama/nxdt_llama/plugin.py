@@ -1,50 +1,46 @@
-"""nxdt-llama: registers the Llama family (Llama 2/3/3.1, Mistral without sliding window)."""
+"""nxdt-llama: the Llama family (Llama 2, 3, 3.1) and Mistral (sliding-window attention), from the kit.
+
+Everything generic (RoPE with llama3 scaling, GQA attention, RMSNorm, SwiGLU, the decoder, init,
+the shard plan, the HF key tables) comes from ``nxdt.modeling``; what is Llama's own is its HF
+config names and that a sliding-window model is exported as Mistral.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from nxdt import hookimpl
+from nxdt.modeling import HFConfigTable, TransformerConfig, transformer_family, write_hf_config
 from nxdt.specs import ModelSpec
-from nxdt_llama.adapter import config_from_hf, config_from_nxdt, config_to_hf, state_dict_adapter
-from nxdt_llama.model import (
-    CoreAttention,
-    LlamaConfig,
-    build_model,
-    flops_per_token,
-    init_weights,
-    pipeline_blocks,
-)
-from nxdt_llama.sharding import shard_plan
 
-LLAMA_SPEC = ModelSpec(
-    family="llama",
+NXDT_PLUGIN_API = 2
+
+
+@dataclass
+class LlamaConfig(TransformerConfig):
+    """A Llama/Mistral decoder: RMSNorm, RoPE, SwiGLU, GQA (defaults are HF ``LlamaConfig``'s)."""
+
+
+LLAMA_HF = HFConfigTable(model_type="llama", architecture="LlamaForCausalLM", also_reads=("mistral",))
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """An HF config.json: ``LlamaForCausalLM``, or ``MistralForCausalLM`` when attention is windowed."""
+    out = write_hf_config(LLAMA_HF, cfg)
+    if cfg.sliding_window is not None:
+        out.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    return out
+
+
+LLAMA_SPEC = transformer_family(
+    "llama",
+    LLAMA_HF,
     config_class=LlamaConfig,
-    build_model=build_model,
-    init_weights=init_weights,
-    config_from_nxdt=config_from_nxdt,
-    config_from_hf=config_from_hf,
     config_to_hf=config_to_hf,
-    shard_plan=shard_plan,
-    state_dict_adapter=state_dict_adapter,
-    flops_per_token=flops_per_token,
-    hf_model_types=("llama", "mistral"),
-    hf_architecture="LlamaForCausalLM",
-    task="causal_lm",
-    is_moe=False,
-    pipeline_blocks=pipeline_blocks,
-    peft_targets={
-        "qkv_proj": [
-            "layers.*.attention.wq",
-            "layers.*.attention.wk",
-            "layers.*.attention.wv",
-            "layers.*.attention.wqkv",
-        ],
-        "o_proj": ["layers.*.attention.wo"],
-        "gate_up_proj": ["layers.*.feed_forward.w1", "layers.*.feed_forward.w3", "layers.*.feed_forward.w13"],
-        "down_proj": ["layers.*.feed_forward.w2"],
-    },
-    recompute_modules={"CoreAttention": CoreAttention},
+    # HF Llama has no partial rotary; its config.json cannot say anything else.
+    nxdt_fixed={"rotary_percentage": (1.0,)},
     plugin="llama",
 )
 

@@ -1,4 +1,5 @@
-"""The llama plugin: logits parity with transformers, packing, meta builds, plan, adapter, conformance."""
+"""The llama plugin (built on nxdt.modeling): logits parity with transformers, packing, meta builds, plan,
+adapter, conformance, Mistral's sliding window."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from nxdt.testing import (
     check_shard_plan_matches,
     run_conformance,
 )
+from nxdt.modeling import CoreAttention, attention_mask, num_parameters
 from nxdt_llama import plugin
-from nxdt_llama.adapter import config_from_hf, config_from_nxdt, config_to_hf
-from nxdt_llama.model import CoreAttention, LlamaConfig, document_causal_mask, num_parameters
-from nxdt_llama.plugin import LLAMA_SPEC
+from nxdt_llama.plugin import LLAMA_SPEC, LlamaConfig
+
+config_from_hf, config_from_nxdt, config_to_hf = LLAMA_SPEC.config_from_hf, LLAMA_SPEC.config_from_nxdt, LLAMA_SPEC.config_to_hf
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -85,8 +87,9 @@ def test_llama3_rope_scaling_changes_logits():
         assert (scaled(ids) - plain(ids)).abs().max() > 1e-3
 
 
-def test_mistral_parity():
-    """A Mistral config.json (no sliding window) reads as llama and matches MistralForCausalLM."""
+@pytest.mark.parametrize("window", [None, 8])
+def test_mistral_parity(window):
+    """A Mistral config.json reads as llama and matches MistralForCausalLM, with a window shorter than the sequence."""
     mistral_dict = transformers.MistralConfig(
         vocab_size=128,
         hidden_size=64,
@@ -96,22 +99,33 @@ def test_mistral_parity():
         num_key_value_heads=2,
         max_position_embeddings=128,
         rope_theta=1e6,
-        sliding_window=None,
+        sliding_window=window,
     ).to_dict()
     cfg = config_from_hf(mistral_dict)
-    assert (cfg.num_kv_heads, cfg.rope_theta, cfg.ffn_hidden_size) == (2, 1e6, 128)
+    assert (cfg.num_kv_heads, cfg.rope_theta, cfg.ffn_hidden_size, cfg.sliding_window) == (2, 1e6, 128, window)
+    exported = config_to_hf(cfg)
+    assert exported["model_type"] == ("mistral" if window else "llama")
+    spec = LLAMA_SPEC
+    if window is None:
+        def mistral_config_to_hf(c):
+            return {**config_to_hf(c), "model_type": "mistral", "architectures": ["MistralForCausalLM"]}
 
-    def mistral_config_to_hf(c):
-        return {
-            **config_to_hf(c),
-            "model_type": "mistral",
-            "architectures": ["MistralForCausalLM"],
-            "sliding_window": None,
-        }
-
-    spec = dataclasses.replace(LLAMA_SPEC, config_to_hf=mistral_config_to_hf)
+        spec = dataclasses.replace(LLAMA_SPEC, config_to_hf=mistral_config_to_hf)
     assert type(build_hf_model(spec, cfg)).__name__ == "MistralForCausalLM"
-    assert check_hf_parity(spec, cfg, atol=1e-5) <= 1e-5
+    # 40 tokens: five windows long, so the window masks most of every row.
+    assert check_hf_parity(spec, cfg, atol=1e-5, seq_len=40) <= 1e-5
+
+
+def test_sliding_window_changes_logits_past_the_window():
+    """The window is not vacuous: positions beyond it differ from full attention, positions within it do not."""
+    windowed = build_initialized(LLAMA_SPEC, tiny(sliding_window=8)).eval()
+    full = build_initialized(LLAMA_SPEC, tiny()).eval()
+    full.load_state_dict(windowed.state_dict())
+    ids = torch.randint(0, 128, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = windowed(ids), full(ids)
+    assert (a[:, :8] - b[:, :8]).abs().max() <= 1e-5
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
 
 
 def test_packed_documents_do_not_attend_across_boundaries():
@@ -134,12 +148,15 @@ def test_packed_documents_do_not_attend_across_boundaries():
 
 
 def test_document_mask_without_restarts_is_plain_causal():
-    """The explicit mask of one document equals SDPA's is_causal path (the two paths agree)."""
+    """One document needs no mask (the fused causal kernel), and an explicit causal mask agrees with it."""
     q, k, v = torch.randn(3, 2, 4, 12, 16).unbind(0)
-    mask = document_causal_mask(torch.arange(12).expand(2, 12))
-    assert mask.shape == (2, 1, 12, 12)
+    assert attention_mask(12, torch.device("cpu"), position_ids=torch.arange(12).expand(2, 12)) is None
+    packed = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
+    mask = attention_mask(12, torch.device("cpu"), position_ids=packed)
+    assert mask is not None and mask.shape == (2, 1, 12, 12) and not mask[0, 0, 6, 3]
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()[None, None]
     attention = CoreAttention()
-    assert (attention(q, k[:, :2], v[:, :2], mask) - attention(q, k[:, :2], v[:, :2])).abs().max() <= 1e-6
+    assert (attention(q, k[:, :2], v[:, :2], causal) - attention(q, k[:, :2], v[:, :2])).abs().max() <= 1e-6
 
 
 # Published parameter counts (untied embeddings).
@@ -338,8 +355,7 @@ def test_config_from_hf_accepts_v4_and_v5_rope_forms():
     reloaded = transformers.AutoConfig.for_model(exported.pop("model_type"), **exported)
     assert reloaded.rope_parameters == {**LLAMA3_SCALING, "rope_theta": 500000.0}
     assert config_from_hf(reloaded.to_dict()) == cfg
-    with pytest.raises(ValueError, match="sliding_window"):
-        config_from_hf({**v5, "model_type": "mistral", "sliding_window": 16})
+    assert config_from_hf({**v5, "model_type": "mistral", "sliding_window": 16}).sliding_window == 16
     with pytest.raises(ValueError, match="yarn"):
         config_from_hf({**v5, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
 
@@ -356,19 +372,36 @@ def test_config_from_nxdt():
             "fuse_qkv": True,
             "init_method_std": 0.01,
             "rope_scaling": None,
-            "optim": {"lr": 1e-4},
         }
     )
     assert (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps) == (4, 4, 32, 1e-5)
     assert cfg.tie_word_embeddings and cfg.fuse_qkv and not cfg.fuse_gate_up and cfg.init_std == 0.01
     assert cfg.vocab_size == LlamaConfig().vocab_size
-    registry = tomllib.loads((Path(__file__).parents[1] / "hub_registry.toml").read_text())
+    registry = tomllib.loads((Path(__file__).parents[3] / "hub_registry.toml").read_text())
     presets = {name: p for name, p in registry["presets"].items() if p["family"] == "llama"}
     assert presets
     for name, preset in presets.items():
         cfg = config_from_nxdt(preset["architecture"])
         assert cfg.num_layers == preset["architecture"]["num_layers"], name
     assert config_from_nxdt(presets["llama3.1-8b"]["architecture"]).rope_scaling["factor"] == 8.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("normalization", "layernorm", "supports only rmsnorm"),
+        ("activation", "gelu", "supports only"),
+        ("position_embedding_type", "learned_absolute", "supports only rope"),
+        ("rotary_percentage", 0.5, "supports only 1.0"),
+        ("type_vocab_size", 2, "not supported by the llama family"),
+    ],
+)
+def test_config_from_nxdt_refuses_what_llama_is_not(key, value, message):
+    """Architecture keys the family cannot honour are refused, naming the key (never ignored)."""
+    with pytest.raises(ValueError, match=message) as info:
+        config_from_nxdt({"num_layers": 2, key: value})
+    assert f"model.{key}" in str(info.value)
+    assert config_from_nxdt({"normalization": "rmsnorm", "activation": "swiglu", "has_bias": True}).mlp_bias
 
 
 def test_plugin_registers_through_pluggy_and_entry_point():
