@@ -24,19 +24,37 @@ def _builder(host: Any, spec: Any) -> Any:
     return lambda config: host.build_model(spec, config)
 
 
+def model_status(host: Any, preset: Any) -> str:
+    """``ok``; ``presets only``: its plugin is installed but registers no model; ``not installed``; ``plugin error``."""
+    if preset.family in host.models:
+        return "ok"
+    record = host.records.get(preset.plugin)
+    if record is not None and not record.ok:
+        return "plugin error"
+    return "presets only" if record is not None else "not installed"
+
+
+_STATUS_TEXT = {
+    "presets only": "presets only, model not implemented",
+    "not installed": "model not installed: pip install nxdt-{family}",
+    "plugin error": "plugin failed to load (see `nxdt plugins`)",
+}
+
+
 def preset_rows(family: str | None = None) -> list[dict[str, Any]]:
-    """One row per preset, with the exact parameter count when its family's plugin is installed."""
+    """One row per preset, with the exact parameter count when its family's model is installed."""
     host = get_host()
     rows = []
     for preset in sorted(host.presets, key=lambda p: (p.family, p.name)):
         if family and preset.family != family:
             continue
+        status = model_status(host, preset)
         params = None
-        if preset.family in host.models:
+        if status == "ok":
             from nxdt.resolve import resolve
 
             resolved = resolve(preset.name, host=host)
-            params = describe(resolved.spec, resolved.arch, preset.seq_length, _builder(host, resolved.spec))["parameters"]
+            params = count_parameters_of(host, resolved.spec, resolved.arch)
         rows.append(
             {
                 "name": preset.name,
@@ -46,10 +64,19 @@ def preset_rows(family: str | None = None) -> list[dict[str, Any]]:
                 "style": preset.style,
                 "parameters": params,
                 "hf_model_id": preset.hf_model_id,
-                "model_installed": preset.family in host.models,
+                "model_installed": status == "ok",
+                "status": status,
             }
         )
     return rows
+
+
+def count_parameters_of(host: Any, spec: Any, arch: Any) -> int:
+    """Exact parameter count: the family's formula, unless a plugin overrides the build (then a meta build)."""
+    overridden = host.pm.hook.nxdt_build_model.get_hookimpls()
+    if spec.num_parameters is not None and not overridden:
+        return int(spec.num_parameters(arch))
+    return int(describe(spec, arch, 1, _builder(host, spec))["parameters"])
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -62,7 +89,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for col in ("name", "family", "plugin", "style", "parameters", "hf model"):
         table.add_column(col, justify="right" if col == "parameters" else "left")
     for r in rows:
-        params = format_count(r["parameters"]) if r["model_installed"] else "[dim](model not installed)[/dim]"
+        if r["model_installed"]:
+            params = format_count(r["parameters"])
+        else:
+            params = "[dim](" + _STATUS_TEXT[r["status"]].format(family=r["family"]) + ")[/dim]"
         table.add_row(r["name"], r["family"], f"{r['plugin']} {r['plugin_version']}", r["style"], params, r["hf_model_id"] or "-")
     _console().print(table)
     return 0
@@ -110,7 +140,7 @@ def inspect_preset(name: str, overrides: list[str]) -> dict[str, Any]:
         "reference_machine": preset.reference_machine if preset else None,
         "precision": cfg.precision.type,
         "memory_per_rank_gib": memory.as_dict(),
-        "recipes": host.recipes_for(resolved.family),
+        "recipes": host.recipes_for(spec),
         "is_moe": spec.is_moe,
     }
 

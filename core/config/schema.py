@@ -1,7 +1,8 @@
 """Typed models of the NxDT/NeMo run YAML; every section rejects unknown keys.
 
 Neuron-runtime keys of upstream configs are accepted (so those files validate unchanged) and
-``RunConfig.unused_keys`` lists the ones a given backend ignores.
+``RunConfig.unused_keys`` lists the ones a given backend ignores; ``nxdt.config.support`` says what
+every other key does, and refuses values the engine cannot honour.
 """
 
 from __future__ import annotations
@@ -243,9 +244,13 @@ class RunConfig(Section):
     def unused_keys(self, backend: str = "torch") -> list[str]:
         """Dotted paths of keys that were set but that ``backend`` ignores (Neuron/XLA-only keys)."""
         used_anyway = {f"precision.{k}" for k in self.precision.neuron_keys_read()}
-        return [
-            key for key, backends in self.backend_keys() if backend not in backends and key not in used_anyway
-        ]
+        unused = [key for key, backends in self.backend_keys() if backend not in backends and key not in used_anyway]
+        if backend == "torch":
+            from nxdt.config.support import no_effect_keys
+
+            # Keys torch has no use for (Apex kernels, index files): accepted, and said to do nothing here.
+            unused += [key for key, _ in no_effect_keys(self)]
+        return unused
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data, with YAML key names."""

@@ -26,17 +26,25 @@ Check = Callable[[Any, "RunConfig", "ModelSpec", "RecipeSpec | None"], "str | No
 class Key:
     """How the engine treats one key."""
 
-    status: str  # read | family | backend | no_effect | refused
+    status: str  # read | fixed | family | backend | no_effect | refused
     where: str = ""  # the module that reads it (read), or why it has no effect (no_effect)
     check: Check | None = None  # for read keys: values or combinations that are refused
 
     def __post_init__(self) -> None:
-        assert self.status in ("read", "family", "backend", "no_effect", "refused"), self.status
+        assert self.status in ("read", "fixed", "family", "backend", "no_effect", "refused"), self.status
+        assert self.status != "fixed" or self.check is not None, (
+            "a fixed key needs the check that refuses other values"
+        )
 
 
 def read(where: str, check: Check | None = None) -> Key:
     """A key the module ``where`` reads; ``check`` refuses values it cannot honour."""
     return Key("read", where, check)
+
+
+def fixed(check: Check) -> Key:
+    """A key accepted only with the value that is nxdt's behaviour (``check`` refuses the others)."""
+    return Key("fixed", "nxdt.config.support", check)
 
 
 def refused(reason: str) -> Key:
@@ -157,14 +165,16 @@ KEYS: dict[str, Key] = {
     "exp_manager.checkpoint_callback_params.mode": read(_E),
     "exp_manager.checkpoint_callback_params.save_last": read(_E),
     "exp_manager.checkpoint_callback_params.filename": read(_E),
-    "exp_manager.checkpoint_callback_params.model_parallel_size": read("nxdt.config.support", _model_parallel_size),
+    "exp_manager.checkpoint_callback_params.model_parallel_size": read(
+        "nxdt.config.support", _model_parallel_size
+    ),
     "exp_manager.checkpoint_callback_params.every_n_train_steps": read(_E),
     "exp_manager.checkpoint_callback_params.train_time_interval": read(_E),
     "exp_manager.checkpoint_callback_params.use_master_weights_in_ckpt": read("nxdt.checkpoint.dcp_io"),
     "exp_manager.checkpoint_dir": read(_E),
     "exp_manager.async_checkpointing": read(_E),
     "exp_manager.load_from_one_dp_rank": read(_E),
-    "exp_manager.save_bf16": read(_E, _refuse_true("saving bf16 copies of the weights is not available yet")),
+    "exp_manager.save_bf16": fixed(_refuse_true("saving bf16 copies of the weights is not available yet")),
     "exp_manager.log_parameter_norm": read(_T),
     "exp_manager.log_gradient_norm": read(_T),
     "exp_manager.log_local_rank_0_only": no_effect("nxdt logs and writes metrics from global rank 0 only"),
@@ -178,12 +188,14 @@ KEYS: dict[str, Key] = {
     "distributed_strategy.virtual_pipeline_model_parallel_size": read("nxdt.resolve"),
     "distributed_strategy.pipeline_schedule": read("nxdt.parallel.apply"),
     "distributed_strategy.context_parallel_size": read(
-        "nxdt.resolve", lambda v, *_: "context parallelism is not available yet; set it to 1" if v > 1 else None
+        "nxdt.resolve",
+        lambda v, *_: "context parallelism is not available yet; set it to 1" if v > 1 else None,
     ),
     "distributed_strategy.expert_model_parallel_size": read("nxdt.resolve", _expert_parallel),
     "distributed_strategy.zero1": read("nxdt.parallel.apply"),
     "distributed_strategy.sequence_parallel": read("nxdt.resolve"),
     "distributed_strategy.kv_replicator": read("nxdt.resolve"),
+    "distributed_strategy.collective_timeout_s": read("nxdt.cli.worker"),
     # data
     "data.micro_batch_size": read(_D),
     "data.global_batch_size": read(_D),
@@ -195,17 +207,19 @@ KEYS: dict[str, Key] = {
     "data.data_prefix": read("nxdt.recipes.datasets", _pretrain_only),
     "data.splits_string": read("nxdt.recipes.datasets", _pretrain_only),
     "data.index_mapping_dir": no_effect("nxdt builds Megatron sample indices in memory, not in index files"),
-    "data.data_impl": read("nxdt.recipes.datasets", _only("mmap", reason="only the mmap .bin/.idx format is read")),
+    "data.data_impl": fixed(_only("mmap", reason="only the mmap .bin/.idx format is read")),
     "data.skip_warmup": no_effect("nxdt never pre-reads (warms up) the memory-mapped data"),
     "data.num_workers": read(_D),
     "data.seed": read(_D),
-    "data.dataloader_type": read(_D, _only("single", reason="only the 'single' (nxdt's seeded, resumable) sampler is available")),
+    "data.dataloader_type": fixed(
+        _only("single", reason="only the 'single' (nxdt's seeded, resumable) sampler is available")
+    ),
     "data.reset_position_ids": read("nxdt.recipes.datasets", _reset_pair),
     "data.reset_attention_mask": read("nxdt.recipes.datasets", _reset_pair),
     "data.eod_mask_loss": read("nxdt.recipes.datasets", _pretrain_only),
     "data.validation_drop_last": read(_D),
-    "data.no_seqlen_plus_one_input_tokens": read(
-        _D, _refuse_true("samples of seq_length tokens (without the +1 target) are not available yet")
+    "data.no_seqlen_plus_one_input_tokens": fixed(
+        _refuse_true("samples of seq_length tokens (without the +1 target) are not available yet")
     ),
     "data.pad_samples_to_global_batch_size": read(_D),
     "data.tokenizer.type": read(_D),
@@ -213,10 +227,16 @@ KEYS: dict[str, Key] = {
     "data.tokenizer.model": read(_D),
     "data.tokenizer.vocab_file": read(_D),
     "data.tokenizer.merge_file": read(_D),
-    "data.tokenizer.delimiter": read(_D, lambda v, *_: "delimiter-based tokenizers are not available" if v else None),
-    "data.tokenizer.sentencepiece_legacy": read(_D, _refuse_true("the legacy sentencepiece behaviour is not available")),
-    "data.tokenizer.use_fast": read(
-        _D, lambda v, *_: "slow (Python) tokenizers are not available; nxdt loads fast ones" if v is False else None
+    "data.tokenizer.delimiter": fixed(
+        lambda v, *_: "delimiter-based tokenizers are not available" if v else None
+    ),
+    "data.tokenizer.sentencepiece_legacy": fixed(
+        _refuse_true("the legacy sentencepiece behaviour is not available")
+    ),
+    "data.tokenizer.use_fast": fixed(
+        lambda v, *_: (
+            "slow (Python) tokenizers are not available; nxdt loads fast ones" if v is False else None
+        )
     ),
     # model: architecture keys go to the family (nxdt.modeling.nxdt_keys), which applies or refuses each
     "model.model_config": read(_M),
@@ -231,8 +251,8 @@ KEYS: dict[str, Key] = {
     "model.do_layer_norm_weight_decay": read(_T),
     "model.transpose_nki_inputs": _NEURON,
     "model.fusions.flash_attention": read(_T),
-    "model.fusions.ring_attention": read(
-        _M, _refuse_true("ring attention (context parallelism) is not available yet")
+    "model.fusions.ring_attention": fixed(
+        _refuse_true("ring attention (context parallelism) is not available yet")
     ),
     "model.fusions.softmax": _NEURON,
     "model.optim.name": read("nxdt.train.optim"),
@@ -293,7 +313,7 @@ def key_rule(path: str) -> Key | None:
 
 
 def _value(cfg: Any, path: str) -> tuple[bool, Any]:
-    """(whether the key was set explicitly or holds a non-default value, its value)."""
+    """(whether the key holds a value other than its default, its value)."""
     node = cfg
     parts = path.split(".")
     for part in parts[:-1]:
@@ -302,7 +322,9 @@ def _value(cfg: Any, path: str) -> tuple[bool, Any]:
             return False, None
     attr = _attr(node, parts[-1])
     value = getattr(node, attr, None)
-    return attr in getattr(node, "model_fields_set", set()), value
+    field = type(node).model_fields.get(attr) if hasattr(type(node), "model_fields") else None
+    default = field.get_default(call_default_factory=True) if field is not None else None
+    return value != default, value
 
 
 def _attr(node: Any, key: str) -> str:
@@ -313,27 +335,34 @@ def _attr(node: Any, key: str) -> str:
     return key
 
 
-def check_run(cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> list[str]:
-    """Refuse (ConfigError, one line) what this run cannot honour; return notes on keys with no effect here."""
-    notes = []
-    for path, rule in KEYS.items():
-        explicit, value = _value(cfg, path)
-        if rule.status == "refused":
-            if value is not None:
-                raise ConfigError(f"{path}: {rule.where}")
-        elif rule.status == "read" and rule.check is not None:
-            problem = rule.check(value, cfg, spec, recipe)
-            if problem:
-                raise ConfigError(f"{path}={_short(value)}: {problem}")
-        elif rule.status == "no_effect" and explicit:
-            notes.append(f"{path} has no effect on the torch backend: {rule.where}")
+def no_effect_keys(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(dotted key, why) for every key set that has no effect on the torch backend."""
     from nxdt.modeling.nxdt_keys import NO_EFFECT_KEYS
 
+    found = [
+        (path, rule.where)
+        for path, rule in KEYS.items()
+        if rule.status == "no_effect" and _value(cfg, path)[0]
+    ]
     for key in NO_EFFECT_KEYS:
         explicit, value = _value(cfg, f"model.{key}")
         if explicit and value:
-            notes.append(f"model.{key} has no effect on the torch backend: {_NO_EFFECT_MODEL[key]}")
-    return notes
+            found.append((f"model.{key}", _NO_EFFECT_MODEL[key]))
+    return found
+
+
+def check_run(cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> list[str]:
+    """Refuse (ConfigError, one line) what this run cannot honour; return notes on keys with no effect here."""
+    for path, rule in KEYS.items():
+        _, value = _value(cfg, path)
+        if rule.status == "refused":
+            if value is not None:
+                raise ConfigError(f"{path}: {rule.where}")
+        elif rule.status in ("read", "fixed") and rule.check is not None:
+            problem = rule.check(value, cfg, spec, recipe)
+            if problem:
+                raise ConfigError(f"{path}={_short(value)}: {problem}")
+    return [f"{path} has no effect on the torch backend: {why}" for path, why in no_effect_keys(cfg)]
 
 
 _NO_EFFECT_MODEL = {

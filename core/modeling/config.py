@@ -47,6 +47,7 @@ class TransformerConfig:
     rotary_percentage: float = 1.0  # share of head_dim that RoPE rotates (GPT-NeoX / Megatron partial rotary)
     sliding_window: int | None = None  # each token attends to itself and the window - 1 tokens before it
     causal: bool = True  # False: bidirectional (encoders)
+    post_norm: bool = False  # norms after each residual add (BERT, the original Transformer); no final norm
     scaled_init: bool = True  # output projections get init_std / sqrt(2 * num_layers)
     hidden_dropout: float = 0.0  # on embeddings and on each residual branch's output
     attention_dropout: float = 0.0  # on attention probabilities

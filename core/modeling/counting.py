@@ -17,7 +17,8 @@ def num_parameters(cfg: TransformerConfig, include_input_embedding: bool = True)
     mlp_in = (2 if cfg.gated else 1) * h * ffn
     mlp = mlp_in + ffn * h + ((2 if cfg.gated else 1) * ffn + h if cfg.mlp_bias else 0)
     norm = h * (2 if cfg.norm == "layernorm" else 1)
-    total = cfg.num_layers * (attn + mlp + 2 * norm) + norm + cfg.vocab_size * h  # blocks, final norm, output
+    final_norm = 0 if cfg.post_norm else norm
+    total = cfg.num_layers * (attn + mlp + 2 * norm) + final_norm + cfg.vocab_size * h  # blocks, final norm, output
     if include_input_embedding:
         if not cfg.tie_word_embeddings:
             total += cfg.vocab_size * h

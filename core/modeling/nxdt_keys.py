@@ -34,6 +34,12 @@ def _activation(value: Any) -> dict[str, Any]:
     return {"activation": ACTIVATION_NAMES[value]}
 
 
+def _block_type(value: Any) -> bool:
+    if value not in BLOCK_TYPES:
+        raise ValueError(f"transformer_block_type {value!r} is not one of {', '.join(BLOCK_TYPES)}")
+    return BLOCK_TYPES[value]
+
+
 def _bias(value: Any) -> dict[str, Any]:
     return {"attention_bias": bool(value), "mlp_bias": bool(value), "qkv_bias": bool(value)}
 
@@ -56,6 +62,7 @@ KIT_KEYS: dict[str, str | Callable[[Any], dict[str, Any]]] = {
     "activation": _activation,
     "position_embedding_type": "position_embedding",
     "has_bias": _bias,
+    "transformer_block_type": lambda v: {"post_norm": _block_type(v)},
     "share_embeddings_and_output_weights": "tie_word_embeddings",
     "fuse_qkv": "fuse_qkv",
     "fuse_gate_up": "fuse_gate_up",

@@ -56,6 +56,8 @@ def transformer_plan(cfg: TransformerConfig, parallel: ParallelDims, family: str
         rules.update({f"layers.*.feed_forward.{w}": "colwise" for w in (("w1", "w3") if cfg.gated else ("w1",))})
     rules["layers.*.feed_forward.w2"] = "rowwise"
     rules["output"] = "lm_head"
-    sequence = {"layers.*.attention_norm": "sequence_norm", "layers.*.ffn_norm": "sequence_norm", "norm": "sequence_norm"}
+    sequence = {"layers.*.attention_norm": "sequence_norm", "layers.*.ffn_norm": "sequence_norm"}
+    if not cfg.post_norm:
+        sequence["norm"] = "sequence_norm"
     kv = () if cfg.fuse_qkv else ("layers.*.attention.wk", "layers.*.attention.wv")
     return ShardPlan(rules=rules, sequence_parallel=sequence, kv_projections=kv, notes=NOTES)

@@ -87,8 +87,9 @@ class Transformer(nn.Module):
             self.pos_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         else:
             self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.num_layers)})
-        self.norm: nn.Module | None = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.post_norm) for i in range(cfg.num_layers)})
+        # Post-norm blocks end normalised; pre-norm stacks need a final norm.
+        self.norm: nn.Module | None = None if cfg.post_norm else build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         tie_weights(self)
 
@@ -99,7 +100,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(input_ids)
         if self.pos_embeddings is not None:
             if position_ids is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+                # [1, seq]: the output's dim 1 is the sequence, which sequence parallelism splits
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
             h = h + self.pos_embeddings(position_ids)
         if self.cfg.hidden_dropout and self.training:
             h = F.dropout(h, self.cfg.hidden_dropout)

@@ -83,7 +83,8 @@ class RunData:
         limit = self.cfg.trainer.limit_val_batches if limit is None else limit
         n = len(self.val)  # type: ignore[arg-type]
         available = n // data.global_batch_size
-        if not data.validation_drop_last and n % data.global_batch_size:
+        padded = not data.validation_drop_last or data.pad_samples_to_global_batch_size
+        if padded and n % data.global_batch_size:
             available += 1  # the last, partial batch is padded with rows that carry no labels
         if isinstance(limit, float):
             return int(available * limit) if limit <= 1.0 else min(int(limit), available)
@@ -129,10 +130,14 @@ class RunData:
 
 
 def tokenizer_source(cfg: Any) -> str:
-    """``data.tokenizer.type``, else the tokenizer saved with ``model.hf_checkpoint``, else the embedded one."""
+    """``data.tokenizer.type``, its sentencepiece ``model``, the tokenizer of ``model.hf_checkpoint``, else the embedded one."""
     tok_cfg = cfg.data.tokenizer
-    if tok_cfg and tok_cfg.type:
+    if tok_cfg and tok_cfg.type and not (tok_cfg.library == "sentencepiece" and tok_cfg.model):
         return str(tok_cfg.type)
+    if tok_cfg and tok_cfg.model:
+        return str(tok_cfg.model)  # a sentencepiece .model file (library: sentencepiece)
+    if tok_cfg and tok_cfg.library == "sentencepiece":
+        raise ConfigError("data.tokenizer.library=sentencepiece needs data.tokenizer.model (the .model file)")
     hf_dir = cfg.model.hf_checkpoint
     if hf_dir and any((Path(hf_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return str(hf_dir)

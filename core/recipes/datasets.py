@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset, Subset
 
-from nxdt.errors import NxdtError
+from nxdt.data.batch import IGNORE_INDEX
+from nxdt.errors import ConfigError, NxdtError
 
 #: share of a single-source pretraining corpus held out for validation when no val_dir is given
 HELD_OUT_FRACTION = 0.05
@@ -34,9 +36,30 @@ def _pretrain_source(path: str, tokenizer: Any, seq_length: int, split: str) -> 
 
 
 def build_pretrain_dataset(run_config: Any, tokenizer: Any, split: str) -> Dataset | None:
-    """Megatron ``data_prefix`` blends, an HF datasets directory, or raw text packed into blocks."""
+    """Megatron ``data_prefix`` blends, an HF datasets directory, or raw text packed into blocks.
+
+    ``data.splits_string`` ("980,10,10") cuts one source into train/validation/test by sample;
+    ``eod_mask_loss`` and ``reset_position_ids``/``reset_attention_mask`` act on the EOS tokens that
+    separate documents (see :class:`DocumentBoundaries`).
+    """
+    dataset = _pretrain_split(run_config, tokenizer, split)
+    data = run_config.data
+    if dataset is not None and (data.eod_mask_loss or data.reset_position_ids):
+        dataset = DocumentBoundaries(dataset, tokenizer.eos_id, data.eod_mask_loss, data.reset_position_ids)
+    return dataset
+
+
+def _pretrain_split(run_config: Any, tokenizer: Any, split: str) -> Dataset | None:
     data = run_config.data
     seq = data.seq_length
+    if data.splits_string:
+        if data.val_dir or isinstance(data.data_prefix, dict):
+            raise ConfigError(
+                "data.splits_string cuts one source into train/validation/test, but data.val_dir or a "
+                "data_prefix with splits already names the validation data; drop one of them"
+            )
+        source = _single_source(run_config, tokenizer, seq)
+        return split_by_weights(source, data.splits_string, split)
     if data.data_prefix:
         from nxdt.data.megatron import build_megatron_dataset
 
@@ -54,11 +77,84 @@ def build_pretrain_dataset(run_config: Any, tokenizer: Any, split: str) -> Datas
     if split != "train" and data.train_dir:
         return None
     if data.train_dir is None:
-        from nxdt.data.embedded import embedded_paths
-
-        full = _pretrain_source(str(embedded_paths()["pretrain_txt"]), tokenizer, seq, "train")
-        return held_out_split(full, split)
+        return held_out_split(_single_source(run_config, tokenizer, seq), split)
     return None
+
+
+def _single_source(run_config: Any, tokenizer: Any, seq: int) -> Dataset:
+    """The one training source (data_prefix, train_dir, or the embedded corpus) before any split."""
+    data = run_config.data
+    if data.data_prefix:
+        from nxdt.data.megatron import build_megatron_dataset
+
+        return build_megatron_dataset(data.data_prefix, seq, seed=run_config.seed)
+    if data.train_dir:
+        return _pretrain_source(data.train_dir, tokenizer, seq, "train")
+    from nxdt.data.embedded import embedded_paths
+
+    return _pretrain_source(str(embedded_paths()["pretrain_txt"]), tokenizer, seq, "train")
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def split_weights(splits_string: str) -> list[float]:
+    """Megatron's ``splits_string`` ("980,10,10" or "98/1/1") as three shares summing to 1."""
+    parts = [p for p in splits_string.replace("/", ",").split(",") if p.strip()]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"data.splits_string={splits_string!r}: expected numbers such as '980,10,10'") from None
+    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"data.splits_string={splits_string!r}: expected up to three non-negative shares, e.g. '980,10,10'")
+    weights += [0.0] * (3 - len(weights))
+    return [w / sum(weights) for w in weights]
+
+
+def split_by_weights(dataset: Dataset, splits_string: str, split: str) -> Dataset | None:
+    """The ``split`` share of ``dataset``'s samples (contiguous ranges, in the dataset's own order)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    shares = split_weights(splits_string)
+    bounds = [0]
+    for share in shares:
+        bounds.append(bounds[-1] + round(share * n))
+    bounds[-1] = n
+    i = SPLITS.index(split if split in SPLITS else "validation")
+    start, end = bounds[i], bounds[i + 1]
+    if end <= start:
+        if split == "train":
+            raise ConfigError(f"data.splits_string={splits_string!r} leaves no training samples of {n}")
+        return None
+    return Subset(dataset, list(range(start, end)))
+
+
+class DocumentBoundaries(Dataset):
+    """Megatron's document-boundary options on packed causal samples, at each EOS in the inputs.
+
+    ``mask_loss`` (``eod_mask_loss``): no loss where the input token is EOS, so nothing learns to
+    predict one document's first token from the previous document. ``reset_positions``
+    (``reset_position_ids`` with ``reset_attention_mask``): positions restart at 0 after each EOS;
+    the model keeps attention inside each document wherever positions restart.
+    """
+
+    def __init__(self, dataset: Dataset, eod: int, mask_loss: bool, reset_positions: bool):
+        self.dataset, self.eod, self.mask_loss, self.reset_positions = dataset, eod, mask_loss, reset_positions
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[index])
+        ids = item["input_ids"]
+        is_eod = ids == self.eod
+        if self.mask_loss:
+            item["labels"] = item["labels"].masked_fill(is_eod, IGNORE_INDEX)
+        if self.reset_positions:
+            idx = torch.arange(ids.shape[0])
+            starts = torch.zeros_like(is_eod)
+            starts[1:] = is_eod[:-1]
+            item["position_ids"] = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(0).values
+        return item
 
 
 def held_out_split(dataset: Dataset, split: str) -> Dataset:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from nxdt.errors import NxdtError
+
 #: held-out pairs scored at the end of an SFT run (the first N rows of the test file)
 MAX_EVAL_ROWS = 200
 MAX_NEW_TOKENS = 16
@@ -63,10 +65,19 @@ def exact_match(
 
 
 def evaluation_rows(cfg: Any) -> list[tuple[str, str]]:
-    """Held-out input/output pairs: ``data.test_dir`` if given, the embedded test split when training on it."""
-    test_dir = getattr(cfg.data, "test_dir", None)
+    """Held-out input/output pairs: ``data.test_dir`` if given, the embedded test split when training on it.
+
+    ``trainer.limit_test_batches`` bounds them like Lightning's: a count of global batches, a
+    fraction of the rows, 0 for none; unset, the first :data:`MAX_EVAL_ROWS` rows.
+    """
+    limit = cfg.trainer.limit_test_batches
+    if limit is not None and limit == 0:
+        return []
+    test_dir = cfg.data.test_dir
     if test_dir:
         path = Path(test_dir)
+        if not path.is_file():
+            raise NxdtError(f"data.test_dir: {path} is not a file (JSONL rows with input and output)")
     elif cfg.data.train_dir is None:
         from nxdt.data.embedded import embedded_paths
 
@@ -75,13 +86,20 @@ def evaluation_rows(cfg: Any) -> list[tuple[str, str]]:
         return []
     rows = []
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            if "input" in record and "output" in record:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise NxdtError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
+            if isinstance(record, dict) and "input" in record and "output" in record:
                 rows.append((record["input"], record["output"]))
-            if len(rows) >= MAX_EVAL_ROWS:
-                break
-    return rows
+    if limit is None:
+        return rows[:MAX_EVAL_ROWS]
+    if isinstance(limit, float) and limit <= 1.0:
+        return rows[: int(len(rows) * limit)]
+    return rows[: int(limit) * cfg.data.global_batch_size]
 
 
 def sft_exact_match(trainer: Any) -> dict[str, float]:

@@ -211,13 +211,62 @@ def _max_diff(model: nn.Module, hf_model: nn.Module, ids: torch.Tensor) -> float
     return (ours - theirs).abs().max().item()
 
 
+def check_override_hooks(plugin: Any, spec: ModelSpec, cfg: Any, parallel: ParallelDims | None = None) -> list[str]:
+    """A plugin's ``nxdt_build_model`` / ``nxdt_shard_plan`` overrides for ``spec`` give a usable model and plan.
+
+    An overriding model must keep the family's parameter names and shapes (checkpoints, the HF
+    adapter and the shard plan name them); an overriding plan's globs must match its modules.
+    Returns the hooks that overrode something.
+    """
+    parallel = parallel or ParallelDims(tp=2, sequence_parallel=True)
+    used = []
+    model = build_on_meta(spec, cfg)
+    build = getattr(plugin, "nxdt_build_model", None)
+    if build is not None:
+        with torch.device("meta"):
+            override = build(spec=spec, config=cfg)
+        if override is not None:
+            used.append("nxdt_build_model")
+            ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            theirs = {n: tuple(p.shape) for n, p in override.named_parameters()}
+            assert ours == theirs, (
+                f"{spec.family}: nxdt_build_model changes parameter names or shapes: "
+                f"{sorted(set(ours.items()) ^ set(theirs.items()))[:4]}"
+            )
+            model = override
+    plan_hook = getattr(plugin, "nxdt_shard_plan", None)
+    if plan_hook is not None:
+        plan = plan_hook(spec=spec, config=cfg, parallel=parallel)
+        if plan is not None:
+            used.append("nxdt_shard_plan")
+            modules = dict(model.named_modules())
+            globs = {**plan.rules, **plan.sequence_parallel, **dict.fromkeys(plan.kv_projections, "kv")}
+            unmatched = [g for g in globs if not fnmatch.filter(modules, g)]
+            assert not unmatched, f"{spec.family}: the nxdt_shard_plan override's globs match no module: {unmatched}"
+    return used
+
+
 def run_conformance(
-    spec: ModelSpec, cfg: Any, parallel: ParallelDims | None = None, hf_parity: bool = True
+    spec: ModelSpec,
+    cfg: Any,
+    parallel: ParallelDims | None = None,
+    hf_parity: bool = True,
+    distributed: bool = False,
 ) -> dict[str, Any]:
-    """Run every check on ``cfg`` (a dataclass with ``num_layers`` is cut to 2 layers); returns their results."""
+    """Run every check on ``cfg`` (a dataclass with ``num_layers`` is cut to 2 layers); returns their results.
+
+    ``distributed`` adds the TP=2 forward on two gloo processes (a few seconds).
+    """
+    from nxdt.testing import layouts
+
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) and getattr(cfg, "num_layers", 0) > 2:
         cfg = dataclasses.replace(cfg, num_layers=2)
     results: dict[str, Any] = {"parameters": check_builds_on_meta(spec, cfg)}
+    if spec.num_parameters is not None:
+        formula = spec.num_parameters(cfg)
+        assert formula == results["parameters"], (
+            f"{spec.family}: num_parameters says {formula:,}, the built model has {results['parameters']:,}"
+        )
     check_init_weights(spec, cfg)
     check_shard_plan_matches(spec, cfg, parallel)
     check_named_modules(spec, cfg)
@@ -226,6 +275,12 @@ def run_conformance(
     flops = spec.flops_per_token(cfg, 128)
     assert flops > 0, f"{spec.family}: flops_per_token must be positive, got {flops}"
     results["flops_per_token"] = flops
+    if spec.pipeline_blocks is not None:
+        results["pipeline_split_diff"] = layouts.check_pipeline_split(spec, cfg)
+    if "position_ids" in spec.inputs and getattr(cfg, "causal", True):
+        results["packed_documents_diff"] = layouts.check_packed_documents(spec, cfg)
+    if distributed:
+        results["tensor_parallel_diff"] = layouts.check_tensor_parallel(spec, cfg)
     if hf_parity and (spec.hf_architecture or spec.config_to_hf(cfg).get("architectures")):
         results["hf_max_abs_diff"] = check_hf_parity(spec, cfg)
     return results

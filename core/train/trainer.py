@@ -207,9 +207,15 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train to ``max_steps``; resume and checkpoint as exp_manager asks."""
+        t0 = time.perf_counter()
         self.setup()
         result = TrainResult(run_dir=str(self.run_dir))
+        t1 = time.perf_counter()
         self.checkpointer.maybe_resume()
+        if self.cfg.exp_manager.enable_recovery_time_instrumentation and self.world.is_main:
+            # How long a restarted job takes to get back to training (NxDT's recovery instrumentation).
+            print(f"nxdt: recovery time: set-up {t1 - t0:.2f} s, checkpoint load {time.perf_counter() - t1:.2f} s "
+                  f"(resumed at step {self.state.step})", flush=True)
         baseline = self._evaluate(before=True) if self.state.step == 0 else {}
         max_steps = self.max_steps
         log_every = max(1, self.cfg.trainer.log_every_n_steps or 1)

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import nxdt.hookspecs
+from nxdt.modeling import CoreAttention, attention_mask, num_parameters
 from nxdt.specs import ParallelDims, ShardPlan
 from nxdt.testing import (
     build_hf_model,
@@ -24,7 +25,6 @@ from nxdt.testing import (
     check_shard_plan_matches,
     run_conformance,
 )
-from nxdt.modeling import CoreAttention, attention_mask, num_parameters
 from nxdt_llama import plugin
 from nxdt_llama.plugin import LLAMA_SPEC, LlamaConfig
 
