@@ -221,7 +221,12 @@ class PluginHost:
         return self.models.get(family)
 
     def preset(self, name: str) -> PresetSpec:
-        """The preset called ``name`` (errors suggest the closest names)."""
+        """The preset called ``name`` (errors suggest the closest names and mention plugins that failed)."""
+        if name not in self.presets:
+            failed = [r for r in self.records.values() if not r.ok]
+            if failed:
+                why = "; ".join(f"plugin {r.name!r} failed to load: {r.error}" for r in failed)
+                raise NxdtError(f"unknown preset {name!r}{did_you_mean(name, self.presets.items)} ({why})")
         return self.presets.get(name)
 
     def recipe(self, name: str, spec: ModelSpec | None = None) -> RecipeSpec:

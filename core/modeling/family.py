@@ -131,6 +131,8 @@ def transformer_family(
         "activation": ("swiglu", "fast-swiglu"),
         "position_embedding_type": ("rope",),
         "transformer_block_type": ("pre_ln",),
+        # Llama-style config.json files have no partial rotary; a family that does overrides this.
+        "rotary_percentage": (1.0,),
         **(nxdt_fixed or {}),
     }
 

@@ -39,8 +39,6 @@ LLAMA_SPEC = transformer_family(
     LLAMA_HF,
     config_class=LlamaConfig,
     config_to_hf=config_to_hf,
-    # HF Llama has no partial rotary; its config.json cannot say anything else.
-    nxdt_fixed={"rotary_percentage": (1.0,)},
     plugin="llama",
 )
 
