@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -197,3 +198,37 @@ def test_sft_evaluation_under_tensor_and_sequence_parallelism(tmp_path):
              "trainer.val_check_interval=0")
     final = metrics(run_dir)[-1]
     assert "task/exact_match" in final and "task/exact_match_before_training" in final
+
+
+def test_auxiliary_loss_counts_once_per_optimizer_step():
+    """A model's aux_loss gets weight 1 / micro-batches: the same gradient however the batch is split."""
+    import torch
+
+    from nxdt.parallel.model import ParallelModel
+    from nxdt.specs import LossOutput
+
+    class WithAux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+        def forward(self, input_ids, position_ids=None):
+            self.aux_loss = 0.5 * (self.w**2).sum()  # a load-balancing-like term, independent of the batch
+            return (input_ids.float().unsqueeze(-1) * self.w).sum(-1, keepdim=True)
+
+    class Zero:
+        def count(self, batch):
+            return torch.tensor(1)
+
+        def __call__(self, outputs, batch):
+            return LossOutput(outputs.sum() * 0.0)
+
+    grads, logged = [], []
+    for n_micro in (1, 4):
+        model = ParallelModel(WithAux())
+        batches = [{"input_ids": torch.ones(4 // n_micro, 3, dtype=torch.long)} for _ in range(n_micro)]
+        stats = model.forward_backward(batches, Zero(), 1.0, contextlib.nullcontext, aux_scale=1.0 / n_micro)
+        grads.append(model.trainable_module.w.grad.clone())
+        logged.append(float(stats.metrics["aux_loss"][0] / stats.metrics["aux_loss"][1]))
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], torch.tensor([1.0, -2.0]))
+    assert logged == [2.5, 2.5]

@@ -70,8 +70,17 @@ def _only(*allowed: Any, reason: str = "") -> Check:
     return check
 
 
+def _use_fast(v: Any, cfg: RunConfig, *_: Any) -> str | None:
+    # Megatron's GPT2BPETokenizer is one byte-level BPE over vocab.json + merges.txt: its slow and
+    # fast implementations give the same ids, so use_fast=false (megatron_gpt_config.yaml) is honoured.
+    if v is False and cfg.data.tokenizer.type != "GPT2BPETokenizer":
+        return "slow (Python) tokenizers are not available; nxdt loads fast ones"
+    return None
+
+
 def _pretrain_only(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> str | None:
-    if v and recipe is not None and recipe.dataset != "pretrain":
+    # Another task's `pretrain` recipe (masked LM) reads these keys in its own dataset, or refuses them there.
+    if v and recipe is not None and recipe.dataset != "pretrain" and recipe.name != "pretrain":
         return f"applies to pre-training data; the {recipe.name} recipe's data does not have it"
     return None
 
@@ -233,11 +242,7 @@ KEYS: dict[str, Key] = {
     "data.tokenizer.sentencepiece_legacy": fixed(
         _refuse_true("the legacy sentencepiece behaviour is not available")
     ),
-    "data.tokenizer.use_fast": fixed(
-        lambda v, *_: (
-            "slow (Python) tokenizers are not available; nxdt loads fast ones" if v is False else None
-        )
-    ),
+    "data.tokenizer.use_fast": fixed(_use_fast),
     # model: architecture keys go to the family (nxdt.modeling.nxdt_keys), which applies or refuses each
     "model.model_config": read(_M),
     "model.hf_checkpoint": read("nxdt.parallel.apply"),

@@ -49,6 +49,7 @@ def attention_mask(
     if causal:
         mask = mask.tril()
     if windowed:
+        assert sliding_window is not None
         mask = mask & (idx[:, None] - idx[None, :] < sliding_window)
     mask = mask[None]
     if restarts:
@@ -113,7 +114,7 @@ class Attention(nn.Module):
             self.wk = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
             self.wv = nn.Linear(hidden_size, kv_dim, bias=qkv_bias)
         self.wo = nn.Linear(q_dim, hidden_size, bias=out_bias)
-        self.wo.nxdt_residual_output = True  # depth-scaled at init
+        setattr(self.wo, "nxdt_residual_output", True)  # depth-scaled at init  # noqa: B010
         self.core_attention = CoreAttention(causal, dropout)
 
     def forward(

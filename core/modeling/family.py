@@ -67,7 +67,7 @@ class HFConfigTable:
     also_reads: Sequence[str] = ()
 
 
-def read_hf_config(table: HFConfigTable, hf: Mapping[str, Any], config_class: type = TransformerConfig) -> Any:
+def read_hf_config(table: HFConfigTable, hf: Mapping[str, Any], config_class: Any = TransformerConfig) -> Any:
     """``config_class`` from an HF config.json dict (transformers 4.x or 5.x rope keys)."""
     model_type = hf.get("model_type", table.model_type)
     types = (table.model_type, *table.also_reads)

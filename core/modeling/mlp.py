@@ -51,7 +51,7 @@ class MLP(nn.Module):
             if self.gated:
                 self.w3 = nn.Linear(hidden_size, ffn_hidden_size, bias=bias)
         self.w2 = nn.Linear(ffn_hidden_size, hidden_size, bias=bias)
-        self.w2.nxdt_residual_output = True  # depth-scaled at init
+        setattr(self.w2, "nxdt_residual_output", True)  # depth-scaled at init  # noqa: B010
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the MLP to ``x`` ``[batch, seq, hidden]``."""

@@ -30,6 +30,9 @@ def rope_inv_freq(
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position as non-persistent buffers (no parameters: every pipeline stage has it)."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, rotary_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None = None):
         super().__init__()
         self.rotary_dim, self.max_positions, self.theta, self.scaling = rotary_dim, max_positions, theta, scaling

@@ -133,12 +133,13 @@ def _shard(model: nn.Module, ctx: RunContext, partial: bool = False) -> tuple[li
     names: list[str] = []
     kv_heads, replicas = 0, 1
     if plan.kv_projections:
-        heads, kv_heads = getattr(run.arch, "num_attention_heads", None), getattr(run.arch, "num_kv_heads", None)
-        if heads is None or kv_heads is None:
+        heads, kv = getattr(run.arch, "num_attention_heads", None), getattr(run.arch, "num_kv_heads", None)
+        if heads is None or kv is None:
             raise ConfigError(
                 f"{run.family}: the shard plan names KV projections but the architecture config has no "
                 "num_attention_heads / num_kv_heads to size their replication"
             )
+        kv_heads = int(kv)
         replicas = kv_replication_factor(kv_heads, heads, parallel.tp, parallel.kv_replicator)
         names = replicate_kv_(model, tuple(plan.kv_projections), kv_heads, replicas)
     apply_tensor_parallel(model, plan, ctx.mesh["tp"], parallel.sequence_parallel, partial=partial)

@@ -103,7 +103,7 @@ def check_named_modules(spec: ModelSpec, cfg: Any) -> None:
     fuse_flags = {f: False for f in ("fuse_qkv", "fuse_gate_up") if getattr(cfg, f, False)}
     if unmatched and fuse_flags and dataclasses.is_dataclass(cfg):
         # HF single-projection names (q_proj) have no module in a fused layout; the unfused one must have them.
-        unfused = dict(build_on_meta(spec, dataclasses.replace(cfg, **fuse_flags)).named_modules())
+        unfused = dict(build_on_meta(spec, dataclasses.replace(cfg, **fuse_flags)).named_modules())  # type: ignore[type-var]
         unmatched = [t for t in unmatched if not any(fnmatch.filter(unfused, g) for g in spec.peft_targets[t])]
     assert not unmatched, f"{spec.family}: PEFT targets {unmatched} match no module"
     present = {type(m) for m in modules.values()}
