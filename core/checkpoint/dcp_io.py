@@ -1,6 +1,7 @@
 """What a checkpoint holds and how it moves: DCP save, async save, verified load, one-rank load.
 
-Everything saved is a tensor, so loading never unpickles objects: the model and optimizer state
+Everything saved is a tensor, and loading never unpickles objects (``nxdt.checkpoint.safe_read``
+reads DCP's metadata with an allow-list and refuses pickled items): the model and optimizer state
 are layout-independent (``nxdt.checkpoint.portable``: single-device FQNs and shapes, each KV head
 once, per-FQN optimizer state whether AdamW or the flat ZeRO-1 AdamW kept it), so any
 DP/TP/PP layout loads what another saved (each pipeline rank saves and loads only its stages'
@@ -20,11 +21,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
-from nxdt.checkpoint.layout import MARKER, verify_files
+from nxdt.checkpoint.layout import MARKER, OWNER_FILE, unlisted_files, verify_files
 from nxdt.checkpoint.portable import PortableState
+from nxdt.checkpoint.safe_read import metadata_files
 from nxdt.checkpoint.store import Store
 from nxdt.errors import NxdtError
+
+# One process saves and loads without a process group on purpose, and DCP warns each time that
+# there is none (async saves warn from their own thread, so a local filter would miss them).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 TRAIN_STATE = "nxdt.train_state"  # int64 [step, consumed_samples, skipped_nan_steps]
 SCHEDULER = "nxdt.scheduler"  # JSON of the LR scheduler's state_dict
@@ -65,18 +72,17 @@ class Groups:
         return self.world_size > 1
 
 
-def build_groups(trainer: Any) -> Groups:
-    """The checkpoint process groups of ``trainer``'s world (a collective: every rank calls it)."""
+def build_groups(mesh: Any, timeout: Any = None) -> Groups:
+    """The checkpoint process groups of the run's DeviceMesh (a collective: every rank calls it)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return Groups()
     rank, world = dist.get_rank(), dist.get_world_size()
     # A separate gloo group lets async saves run their collectives beside training's.
-    io = dist.new_group(backend="gloo")
-    mesh = trainer.mesh
+    io = dist.new_group(backend="gloo", timeout=timeout)
     names = list(mesh.mesh_dim_names)
     dp_index = names.index("dp")
     loader_ranks = sorted(mesh.mesh.select(dp_index, 0).flatten().tolist())
-    loaders = dist.new_group(ranks=loader_ranks, backend="gloo")
+    loaders = dist.new_group(ranks=loader_ranks, backend="gloo", timeout=timeout)
     dp_group = mesh["dp"].get_group()
     dp_src = dist.get_global_rank(dp_group, 0)
     return Groups(rank, world, io, loaders, dp_group, rank in loader_ranks, dp_src)
@@ -110,10 +116,57 @@ def save(state: dict[str, Any], writer: Any, groups: Groups, use_async: bool) ->
         kwargs["process_group"] = groups.io
     else:
         kwargs["no_dist"] = True
-    if use_async:
-        return dcp.async_save(state, **kwargs)  # type: ignore[return-value]
-    dcp.save(state, **kwargs)
+    try:
+        if use_async:
+            return dcp.async_save(state, **kwargs)  # type: ignore[return-value]
+        dcp.save(state, **kwargs)
+    except CheckpointException as exc:
+        raise CheckpointIOError(causes(exc)) from None
     return None
+
+
+class CheckpointIOError(Exception):
+    """A DCP save or load failed on some rank; ``causes`` are the underlying exceptions."""
+
+    def __init__(self, causes: list[BaseException]):
+        super().__init__("; ".join(f"{type(c).__name__}: {_first_line(c)}" for c in causes[:3]))
+        self.causes = causes
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exceptions underneath ``exc``: DCP's per-rank failures and ``__cause__`` chains, innermost kept."""
+    found: list[BaseException] = []
+    stack = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        found.append(e)
+        if isinstance(e, CheckpointException):
+            stack += [pair[0] if isinstance(pair, tuple) else pair for pair in e.failures.values()]
+        elif isinstance(e, CheckpointIOError):
+            stack += e.causes
+        for nxt in (e.__cause__, e.__context__):
+            if nxt is not None:
+                stack.append(nxt)
+    return [e for e in found if not isinstance(e, CheckpointException | CheckpointIOError)] or [exc]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _raise_load_error(exc: BaseException, where: str) -> None:
+    """A failed DCP load as one line: an NxdtError underneath as it is, anything else named."""
+    found = causes(exc)
+    for cause in found:
+        if isinstance(cause, NxdtError):
+            raise NxdtError(str(cause)) from None
+    first = found[0]
+    raise NxdtError(f"cannot load checkpoint {where}: {type(first).__name__}: {_first_line(first)}") from None
 
 
 _RANK_FILE = re.compile(r"__(\d+)_")
@@ -125,7 +178,7 @@ def own_file_digests(store: Store, name: str, rank: int) -> dict[str, dict[str, 
     for rel, size in store.files(name).items():
         m = _RANK_FILE.match(rel)
         mine = int(m.group(1)) == rank if m else rank == 0
-        if mine and rel != MARKER and not rel.endswith(".tmp"):
+        if mine and rel not in (MARKER, OWNER_FILE) and not rel.endswith(".tmp"):
             digests[rel] = {"size": size, "sha256": store.sha256(name, rel)}
     return digests
 
@@ -156,7 +209,8 @@ class LoadReport:
 def verify(store: Store, name: str, marker: dict[str, Any], groups: Groups) -> None:
     """Check every listed file's size and SHA-256, the work split over ranks; raise naming the file."""
     files = sorted(marker.get("files", {}))
-    problems = verify_files(store, name, marker, only=files[groups.rank :: groups.world_size])
+    problems = unlisted_files(store, name, marker) if groups.rank == 0 else []
+    problems += verify_files(store, name, marker, only=files[groups.rank :: groups.world_size])
     if groups.distributed:
         gathered: list[Any] = [None] * groups.world_size
         dist.all_gather_object(gathered, problems, group=groups.io)
@@ -176,15 +230,54 @@ def _load_in_one_process(state: dict[str, Any], reader: Any) -> None:
 def _dcp_load(state: dict[str, Any], store: Store, name: str, group: Any, counter: list[int]) -> None:
     reader = store.reader(name)
     count = _ByteCounter(reader)
-    if group is None:
-        _load_in_one_process(state, reader)
-    else:
-        dcp.load(state, storage_reader=reader, process_group=group)
+    try:
+        if group is None:
+            _load_in_one_process(state, reader)
+        else:
+            dcp.load(state, storage_reader=reader, process_group=group)
+    except (CheckpointException, Exception) as exc:
+        if isinstance(exc, NxdtError):
+            raise
+        _raise_load_error(exc, store.url(name))
     counter[0] += count.bytes
 
 
-def _metadata_keys(store: Store, name: str) -> dict[str, Any]:
-    return store.reader(name).read_metadata().state_dict_metadata
+def read_metadata(store: Store, name: str, marker: dict[str, Any] | None = None) -> Any:
+    """Checkpoint ``name``'s DCP metadata, read safely; with ``marker``, every file it points at must be listed."""
+    metadata = store.reader(name).read_metadata()
+    if marker is not None:
+        unlisted = sorted(metadata_files(metadata) - set(marker.get("files", {})))
+        if unlisted:
+            raise NxdtError(f"refusing checkpoint {store.url(name)}: its metadata reads {unlisted[0]}, which its "
+                            f"{MARKER} does not list (so nothing verified it)")
+    return metadata
+
+
+def _metadata_keys(store: Store, name: str, marker: dict[str, Any] | None = None) -> dict[str, Any]:
+    return read_metadata(store, name, marker).state_dict_metadata
+
+
+def check_fits(saved: dict[str, Any], requested: dict[str, Any], where: str, whole_model: bool) -> None:
+    """Raise one line naming the tensors whose names or shapes differ between a checkpoint and this model.
+
+    ``whole_model``: this rank asks for every model tensor (no pipeline stages), so model tensors
+    only the checkpoint has are differences too.
+    """
+    wanted = {key.rstrip("."): t for key, t in _leaves(requested)}
+    diffs = []
+    for key, t in sorted(wanted.items()):
+        meta = saved.get(key)
+        if meta is None:
+            diffs.append(f"{key} {list(t.shape)} is not in the checkpoint")
+        elif tuple(meta.size) != tuple(t.shape):
+            diffs.append(f"{key}: checkpoint {list(meta.size)}, model {list(t.shape)}")
+    if whole_model:
+        diffs += [f"{key} {list(saved[key].size)} is only in the checkpoint"
+                  for key in sorted(saved) if key.startswith("model.") and key not in wanted]
+    if diffs:
+        more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise NxdtError(f"checkpoint {where} does not fit this model ({len(diffs)} tensors differ; was it saved with "
+                        f"other model settings?): {'; '.join(diffs[:4])}{more}")
 
 
 def _empty_like_saved(meta: Any) -> torch.Tensor:
@@ -192,12 +285,12 @@ def _empty_like_saved(meta: Any) -> torch.Tensor:
 
 
 def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: Groups,
-         weights_only: bool = False, one_dp_rank: bool = False) -> LoadReport:
+         weights_only: bool = False, one_dp_rank: bool = False, whole_model: bool = True) -> LoadReport:
     """Verify checkpoint ``name`` and load it into ``trainer`` (model, optimizer, schedule, RNG, state)."""
     verify(store, name, marker, groups)
     optimizer = trainer.optimizer
     portable = PortableState(trainer.model)
-    saved = _metadata_keys(store, name)
+    saved = _metadata_keys(store, name, marker)
     with_optim = not weights_only and bool(marker.get("has_optimizer", True))
     counter = [0]
     io = groups.io if groups.distributed else None
@@ -205,12 +298,15 @@ def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: 
     small_keys = [] if weights_only else [TRAIN_STATE, SCHEDULER, OPTIM_GROUPS if with_optim else None]
     small_keys += [rng_key(groups.rank, k) for k in ("cpu", "cuda")] if not weights_only else []
     small = {k: _empty_like_saved(saved[k]) for k in small_keys if k and k in saved}
+    if not weights_only and TRAIN_STATE not in saved:
+        raise NxdtError(f"refusing checkpoint {store.url(name)}: it has no {TRAIN_STATE} (not an nxdt checkpoint)")
     if small or groups.distributed:  # every rank joins, even with nothing to read, DCP load is collective
         _dcp_load(small, store, name, io, counter)
 
     big: dict[str, Any] = {"model": portable.model_targets()}
     if with_optim:
         big["optim"] = {"state": portable.optim_targets(optimizer, saved)}
+    check_fits(saved, big, store.url(name), whole_model=whole_model)
     if one_dp_rank and groups.distributed and dist.get_world_size(groups.dp) > 1:
         if groups.is_loader:
             loaders = groups.loaders if dist.get_world_size(groups.loaders) > 1 else None
@@ -222,9 +318,14 @@ def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: 
     portable.load_model(big["model"])
     if with_optim:
         portable.load_optim(optimizer, big["optim"]["state"])
-        _restore_learning_rates(optimizer, tensor_json(small[OPTIM_GROUPS]))
-    if not weights_only:
-        _restore_scalars(trainer, small, groups.rank)
+    try:
+        if with_optim:
+            _restore_learning_rates(optimizer, tensor_json(small[OPTIM_GROUPS]))
+        if not weights_only:
+            _restore_scalars(trainer, small, groups.rank)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:  # a crafted or damaged small entry
+        raise NxdtError(f"checkpoint {store.url(name)} has a malformed train state, scheduler or RNG entry "
+                        f"({type(exc).__name__}: {_first_line(exc)})") from None
     return LoadReport(counter[0], weights_only)
 
 
@@ -238,18 +339,43 @@ def _restore_learning_rates(optimizer: Any, saved_groups: list[dict[str, Any]]) 
         raise NxdtError(f"checkpoint has {len(saved_groups)} optimizer parameter groups, this run "
                         f"{len(optimizer.param_groups)}; weight-decay settings must match to resume")
     for group, saved in zip(optimizer.param_groups, saved_groups):
-        group["lr"] = saved["lr"]
+        lr = saved["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, int | float):
+            raise ValueError(f"learning rate {lr!r} is not a number")
+        group["lr"] = lr
 
 
 def _restore_scalars(trainer: Any, small: dict[str, torch.Tensor], rank: int) -> None:
     step, consumed, skipped = (int(v) for v in small[TRAIN_STATE].tolist())
     trainer.state.step, trainer.state.consumed_samples, trainer.state.skipped_nan_steps = step, consumed, skipped
-    trainer.scheduler.load_state_dict(tensor_json(small[SCHEDULER]))
+    trainer.scheduler.load_state_dict(_same_shape_state(trainer.scheduler.state_dict(), tensor_json(small[SCHEDULER])))
     # A rank that did not exist in the saved layout keeps its seeded generator.
     if rng_key(rank, "cpu") in small:
         torch.set_rng_state(small[rng_key(rank, "cpu")])
     if rng_key(rank, "cuda") in small and trainer.world.device.type == "cuda":
         torch.cuda.set_rng_state(small[rng_key(rank, "cuda")], trainer.world.device)
+
+
+def _same_shape_state(current: dict[str, Any], saved: Any) -> dict[str, Any]:
+    """``saved`` scheduler state restricted to the keys ``current`` has, each of the same JSON type.
+
+    Schedulers load a state dict by updating their ``__dict__``; a checkpoint must not set
+    attributes the scheduler does not have, or change what kind of value one holds.
+    """
+    if not isinstance(saved, dict):
+        raise ValueError("the scheduler state is not a JSON object")
+    out = dict(current)
+    for key, value in saved.items():
+        if key not in current or key == "lr_lambdas":  # the schedule's functions come from the config
+            continue
+        now = current[key]
+        numbers = (int, float)
+        if now is None or value is None or type(value) is type(now) or (
+                isinstance(value, numbers) and isinstance(now, numbers) and not isinstance(value, bool)):
+            out[key] = value
+        else:
+            raise ValueError(f"scheduler {key!r} is a {type(value).__name__}, expected {type(now).__name__}")
+    return out
 
 
 def _leaves(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -266,11 +392,10 @@ def _broadcast_tensors(tree: dict[str, Any], groups: Groups) -> None:
         dist.broadcast(local, src=groups.dp_src, group=groups.dp)
 
 
-def load_model_tensors(path_store: Store, name: str) -> dict[str, torch.Tensor]:
+def load_model_tensors(path_store: Store, name: str, marker: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state dict of a checkpoint, in this process without any process group."""
-    saved = _metadata_keys(path_store, name)
-    state = {k[len("model."):]: _empty_like_saved(m) for k, m in saved.items()
-             if k.startswith("model.") and hasattr(m, "size")}
+    saved = _metadata_keys(path_store, name, marker)
+    state = {k[len("model."):]: _empty_like_saved(m) for k, m in saved.items() if k.startswith("model.")}
     wrapped = {"model": state}
-    _load_in_one_process(wrapped, path_store.reader(name))
+    _dcp_load(wrapped, path_store, name, None, [0])
     return wrapped["model"]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from nxdt.checkpoint.dcp_io import load_model_tensors
-from nxdt.checkpoint.layout import CONFIG_FILE, read_marker, verify_files
+from nxdt.checkpoint.layout import CONFIG_FILE, inspect_marker, verify_files
 from nxdt.checkpoint.store import split_checkpoint_url
 from nxdt.errors import NxdtError
 
@@ -49,9 +49,9 @@ def export_hf(checkpoint: str, out_dir: str | Path, max_shard_bytes: int = 2 << 
     from safetensors.torch import save_file
 
     store, name = split_checkpoint_url(checkpoint)
-    marker = read_marker(store, name)
+    marker, problem = inspect_marker(store, name)
     if marker is None:
-        raise NxdtError(f"{checkpoint} is not a complete nxdt checkpoint (no valid marker)")
+        raise NxdtError(f"{checkpoint} is not a complete nxdt checkpoint ({problem or 'no completion marker'})")
     problems = verify_files(store, name, marker)
     if problems:
         raise NxdtError(problems[0])
@@ -59,7 +59,7 @@ def export_hf(checkpoint: str, out_dir: str | Path, max_shard_bytes: int = 2 << 
     if config_text is None:
         raise NxdtError(f"{checkpoint} has no {CONFIG_FILE}; cannot tell the model family")
     run = resolve_checkpoint_config(config_text)
-    state = load_model_tensors(store, name)
+    state = load_model_tensors(store, name, marker)
     hf_state = run.spec.state_dict_adapter(run.arch).to_hf(state)
     # safetensors refuses tensors sharing storage (tied embeddings); each gets its own copy
     hf_state = {k: v.detach().clone().contiguous() for k, v in hf_state.items()}

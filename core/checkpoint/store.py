@@ -120,13 +120,46 @@ class Store:
         except FileNotFoundError:
             return None
 
-    def remove(self, name: str) -> None:
-        """Delete directory ``name`` and everything in it."""
+    def remove(self, name: str, first: str | None = None) -> None:
+        """Delete directory ``name`` and everything in it; file ``first`` (the marker) before the rest."""
+        if first is not None:
+            try:
+                self.fs.rm(self._p(name, first))
+            except FileNotFoundError:
+                pass
         try:
             self.fs.rm(self._p(name), recursive=True)
         except FileNotFoundError:
             pass
         self.refresh()
+
+    def rename(self, name: str, new_name: str, last: str | None = None) -> None:
+        """Move directory ``name`` to ``new_name`` (absent); on S3 file ``last`` (the marker) moves last.
+
+        A local rename is atomic. S3 has no rename: every object is copied, ``last`` last, then the
+        source is deleted ``last`` first, so at no moment does a complete-looking copy lack a file.
+        """
+        if not self.remote:
+            os.rename(self._p(name), self._p(new_name))
+            self.refresh()
+            return
+        files = sorted(self.files(name), key=lambda rel: rel == last)
+        for rel in files:
+            self.fs.copy(self._p(name, rel), self._p(new_name, rel))
+        self.remove(name, first=last)
+
+    def free_bytes(self) -> int | None:
+        """Bytes free on the file system of a local root (its nearest existing parent); None on S3."""
+        if self.remote:
+            return None
+        path = self.base
+        while path and not os.path.exists(path):
+            path = os.path.dirname(path.rstrip("/")) or "/"
+        try:
+            st = os.statvfs(path or ".")
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def writer(self, name: str):
         """A DCP StorageWriter for checkpoint directory ``name``."""
@@ -139,14 +172,12 @@ class Store:
         return FileSystemWriter(self.url(name))
 
     def reader(self, name: str):
-        """A DCP StorageReader for checkpoint directory ``name``."""
-        from torch.distributed.checkpoint import FileSystemReader
+        """A DCP StorageReader for checkpoint directory ``name`` that never unpickles objects (safe_read)."""
+        from nxdt.checkpoint.safe_read import SafeFileSystemReader, SafeFsspecReader
 
         if self.remote:
-            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-            return FsspecReader(self.url(name), **self.options)
-        return FileSystemReader(self.url(name))
+            return SafeFsspecReader(self.url(name), where=self.url(name), **self.options)
+        return SafeFileSystemReader(self.url(name), where=self.url(name))
 
 
 def split_checkpoint_url(path: str) -> tuple[Store, str]:

@@ -41,8 +41,14 @@ def _root_of(location: str) -> str:
     if os.path.isfile(config):
         import yaml
 
-        em = (yaml.safe_load(open(config, encoding="utf-8")) or {}).get("exp_manager") or {}
-        return em.get("checkpoint_dir") or os.path.join(location, "checkpoints")
+        try:
+            with open(config, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None  # an unreadable config.yaml: fall back to the default place
+        em = data.get("exp_manager") if isinstance(data, dict) else None
+        root = em.get("checkpoint_dir") if isinstance(em, dict) else None
+        return root if isinstance(root, str) and root else os.path.join(location, "checkpoints")
     sub = os.path.join(location, "checkpoints")
     return sub if os.path.isdir(sub) else location
 

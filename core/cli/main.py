@@ -77,15 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NxdtError as exc:
         if debug:
             raise
-        print(f"nxdt: error: {exc}", file=sys.stderr)
+        kind = "interrupted" if getattr(exc, "interrupt", False) else "error"
+        print(f"nxdt: {kind}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("nxdt: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # an nxdt bug: still one line unless --debug
+    except SystemExit:
+        raise
+    except BaseException as exc:  # an nxdt bug (or torch's BaseException-derived errors): one line unless --debug
         if debug:
             raise
-        print(f"nxdt: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
+        print(f"nxdt: internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
+from nxdt.cli.worker import LAUNCHER_PID_ENV, STATUS_DIR_ENV
 from nxdt.errors import NxdtError
 
 WORKER_MODULE = "nxdt.cli.worker"
@@ -52,23 +60,26 @@ def dispatch(args: argparse.Namespace) -> int:
 
         train(worker_args)
         return 0
-    return launch_torchrun(args, nproc, nnodes, worker_args)
+    return launch_torchrun(args, nproc, nnodes, worker_args, cfg.distributed_strategy.collective_timeout_s)
 
 
 def default_recipe(target: str) -> str:
-    """``sft`` for presets; for YAML files, ``sft`` when it configures model_alignment_strategy.sft."""
-    from nxdt.resolve import is_config_file
+    """The family's default recipe for presets (sft for causal LMs); for YAML, sft when it configures sft."""
+    from nxdt.resolve import default_recipe as resolve_default
 
-    if not is_config_file(target):
-        return "sft"
-    from nxdt.config import load_yaml
-
-    layer = load_yaml(target)
-    return "sft" if (layer.get("model_alignment_strategy") or {}).get("sft") is not None else "pretrain"
+    return resolve_default(target)
 
 
-def launch_torchrun(args: argparse.Namespace, nproc: int, nnodes: str, worker_args: list[str]) -> int:
-    """Start the workers through torchrun's elastic launcher (``torch.distributed.run``)."""
+def launch_torchrun(args: argparse.Namespace, nproc: int, nnodes: str, worker_args: list[str],
+                    timeout_s: float = 600) -> int:
+    """Start the workers through torchrun's elastic launcher (``torch.distributed.run``).
+
+    The workers die with this process (see nxdt.cli.worker), report heartbeats and errors to a
+    status directory, and this process prints one line for the whole job: the rank that failed
+    first (a rank that stopped responding is found from its heartbeat and killed once it has
+    been silent longer than the collective timeout), or the signal that stopped the job.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -84,14 +95,154 @@ def launch_torchrun(args: argparse.Namespace, nproc: int, nnodes: str, worker_ar
             launch += ["--node-rank", str(args.node_rank)]
     launch += ["-m", WORKER_MODULE, *worker_args]
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc))))
+    debug = bool(os.environ.get("NXDT_DEBUG"))
+    if not debug:
+        # torchrun logs every worker failure and shutdown step; nxdt reports the job in one line.
+        # Its loggers carry their own levels, so each is quietened rather than their parent.
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+    status_dir = tempfile.mkdtemp(prefix="nxdt-run-")
+    os.environ[STATUS_DIR_ENV] = status_dir
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    watchdog = Watchdog(status_dir, timeout_s)
+    watchdog.start()
     try:
         run(get_args_parser().parse_args(launch))
     except ChildFailedError as exc:
-        failures = exc.failures
-        first = failures[min(failures)] if failures else None
-        code = first.exitcode if first else 1
-        raise NxdtError(f"a worker failed (exit code {code}); its error is printed above") from None
+        watchdog.stop()
+        raise job_failure(exc.failures, status_dir, watchdog) from None
+    except SignalException as exc:
+        watchdog.stop()
+        name = signal.Signals(exc.sigval).name
+        raise Interrupted(f"{name} received; all {nproc} local workers were stopped",
+                          128 + int(exc.sigval)) from None
+    finally:
+        watchdog.stop()
+        for key in (STATUS_DIR_ENV, LAUNCHER_PID_ENV):
+            os.environ.pop(key, None)
+        shutil.rmtree(status_dir, ignore_errors=True)
     return 0
+
+
+class Interrupted(NxdtError):
+    """The job was stopped by a signal (Ctrl-C, SIGTERM); exits 128 + the signal number."""
+
+    interrupt = True
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class JobFailed(NxdtError):
+    """A worker failed; the exit code is the failing worker's (1 when it has none)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code if 0 < exit_code < 256 else 1
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class Watchdog:
+    """Watches the workers' heartbeats; kills a worker silent for longer than the collective timeout + grace.
+
+    A silent worker is stopped (SIGSTOP), frozen or swapped out: its peers' collectives time out
+    after ``timeout_s`` and fail, while torchrun would wait for the stopped process to take its
+    SIGTERM. Killing it ends the job promptly, and the verdict names the stuck rank.
+    """
+
+    def __init__(self, status_dir: str, timeout_s: float):
+        self.status_dir = status_dir
+        self.silence_s = timeout_s + max(5.0, 0.1 * timeout_s)
+        self.verdicts: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="nxdt-watchdog")
+
+    def start(self) -> None:
+        """Start watching."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.check()
+
+    def check(self, now: float | None = None) -> None:
+        """Kill every worker whose heartbeat is older than ``silence_s`` (once each)."""
+        now = time.time() if now is None else now
+        judged = {v["rank"] for v in self.verdicts}
+        try:
+            names = os.listdir(self.status_dir)
+        except OSError:
+            return
+        for fname in names:
+            if not (fname.startswith("rank") and fname.endswith(".json")) or fname.endswith(".error.json"):
+                continue
+            beat = _read_json(os.path.join(self.status_dir, fname))
+            if not beat or beat.get("rank") in judged:
+                continue
+            if os.path.exists(os.path.join(self.status_dir, f"rank{beat.get('rank')}.error.json")):
+                continue  # it reported its own failure
+            silent = now - float(beat.get("time", now))
+            if silent > self.silence_s:
+                pid = int(beat.get("pid", 0))
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError, OverflowError):
+                    continue
+                self.verdicts.append({**beat, "silent_s": silent, "when": now})
+
+
+def job_failure(failures: dict[int, Any], status_dir: str, watchdog: Watchdog) -> JobFailed:
+    """The one error of a failed job: the stuck rank, else the first own error, else the first death.
+
+    Ranks are ordered by when they failed (their own report's time), not by rank number: the
+    ranks that fail because another one did (timeouts, lost connections) come last.
+    """
+    if watchdog.verdicts:
+        v = min(watchdog.verdicts, key=lambda v: v["when"])
+        step = f" at step {v['step']}" if v.get("step") is not None else ""
+        return JobFailed(f"rank {v['rank']} (pid {v.get('pid')} on {v.get('host')}) stopped responding{step}: no "
+                         f"heartbeat for {v['silent_s']:.0f} s, longer than distributed_strategy.collective_timeout_s; "
+                         "it was killed and the job stopped", 1)
+    reports = []
+    for fname in os.listdir(status_dir) if os.path.isdir(status_dir) else []:
+        if fname.endswith(".error.json"):
+            report = _read_json(os.path.join(status_dir, fname))
+            if report and isinstance(report.get("rank"), int):
+                reports.append(report)
+    primary = sorted((r for r in reports if not r.get("secondary")), key=lambda r: r.get("time", 0))
+    if primary:
+        r = primary[0]
+        same = sorted(p["rank"] for p in primary if p.get("message") == r.get("message"))
+        who = f"rank {same[0]}" if len(same) == 1 else f"ranks {', '.join(map(str, same))}"
+        return JobFailed(f"{who}: {r['message']}", int(r.get("exit_code", 1)))
+    reported = {r["rank"] for r in reports}
+    deaths = sorted(((rank, f) for rank, f in failures.items() if rank not in reported),
+                    key=lambda item: (item[1].timestamp, item[0]))
+    killed = [(rank, f) for rank, f in deaths if f.exitcode < 0]
+    if killed or deaths:
+        rank, f = (killed or deaths)[0]
+        if f.exitcode < 0:
+            sig = signal.Signals(-f.exitcode).name if -f.exitcode in signal.valid_signals() else str(-f.exitcode)
+            return JobFailed(f"rank {rank} (pid {f.pid}) was killed by {sig}", 128 - f.exitcode)
+        return JobFailed(f"rank {rank} (pid {f.pid}) exited with code {f.exitcode}", f.exitcode)
+    if reports:
+        r = min(reports, key=lambda r: r.get("time", 0))
+        return JobFailed(f"rank {r['rank']}: {r['message']}", int(r.get("exit_code", 1)))
+    return JobFailed("a worker failed", 1)
 
 
 def print_dry_run(resolved, parallel, world_size: int, nproc: int, nnodes: str, as_json: bool) -> int:

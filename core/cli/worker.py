@@ -1,17 +1,39 @@
-"""One training process: what `nxdt run` executes in-process or in each torchrun worker."""
+"""One training process: what `nxdt run` executes in-process or in each torchrun worker.
+
+Under `nxdt run`'s launcher (``NXDT_STATUS_DIR`` set) a worker:
+
+- dies with the launcher: the kernel sends it SIGKILL when the launcher process goes
+  (``PR_SET_PDEATHSIG``), so killing only `nxdt run` leaves no worker training and saving;
+- writes a heartbeat (rank, pid, step, time) to ``rank<R>.json`` every second from a thread, which
+  a stopped or frozen process stops doing, so the launcher can tell which rank is stuck;
+- reports its error to ``rank<R>.error.json`` (message, exit code, time, and whether it is only a
+  consequence of another rank's failure, such as a collective timing out) and prints nothing: the
+  launcher prints the one line that names the failing rank.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
+import socket
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from nxdt.errors import NxdtError
 
+STATUS_DIR_ENV = "NXDT_STATUS_DIR"
+LAUNCHER_PID_ENV = "NXDT_LAUNCHER_PID"
+HEARTBEAT_S = 1.0
+_PR_SET_PDEATHSIG = 1
 
-def train(argv: Sequence[str]):
+
+def train(argv: Sequence[str], on_trainer: Callable[[Any], None] | None = None):
     """Resolve the run from ``argv`` (target, --recipe, overrides), join the world and train."""
     from nxdt.parallel.world import init_world, shutdown
     from nxdt.resolve import resolve
@@ -23,9 +45,13 @@ def train(argv: Sequence[str]):
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(list(argv))
     resolved = resolve(args.target, args.recipe, args.overrides)
-    world = init_world()
+    world = init_world(timeout_s=resolved.config.distributed_strategy.collective_timeout_s)
+    trainer = None
     try:
-        result = Trainer(resolved, world).fit()
+        trainer = Trainer(resolved, world)
+        if on_trainer is not None:
+            on_trainer(trainer)
+        result = trainer.fit()
         if world.is_main:
             summary = {"run_dir": result.run_dir, "final_loss": result.losses[-1] if result.losses else None,
                        "val_losses": result.val_losses, **result.metrics}
@@ -33,19 +59,118 @@ def train(argv: Sequence[str]):
                 json.dump(summary, f, indent=2)
         return result
     finally:
+        from nxdt.train.exp_manager import release_run_lock
+
+        if world.is_main and trainer is not None:
+            release_run_lock(trainer.run_dir)
         shutdown(world)
+
+
+def die_with_launcher() -> None:
+    """Ask the kernel to SIGKILL this process when the `nxdt run` launcher dies (Linux; no-op elsewhere)."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+class WorkerStatus:
+    """This worker's heartbeat and error report in the launcher's status directory."""
+
+    def __init__(self, directory: str, rank: int):
+        self.directory, self.rank = directory, rank
+        self.step: Callable[[], int | None] = lambda: None
+        self._stop = threading.Event()
+
+    def _write(self, name: str, record: dict[str, Any]) -> None:
+        path = os.path.join(self.directory, name)
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a heartbeat that cannot be written is the launcher's problem to notice
+
+    def beat(self) -> None:
+        """Write one heartbeat."""
+        try:
+            step = self.step()
+        except Exception:
+            step = None
+        self._write(f"rank{self.rank}.json", {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                                              "time": time.time(), "step": step})
+
+    def start(self) -> None:
+        """Beat every HEARTBEAT_S seconds from a daemon thread."""
+        def loop() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                self.beat()
+
+        self.beat()
+        threading.Thread(target=loop, daemon=True, name="nxdt-heartbeat").start()
+
+    def report(self, message: str, exit_code: int, secondary: bool) -> None:
+        """Record this worker's error for the launcher."""
+        self._stop.set()
+        self._write(f"rank{self.rank}.error.json", {"rank": self.rank, "pid": os.getpid(), "time": time.time(),
+                                                    "message": message, "exit_code": exit_code,
+                                                    "secondary": secondary})
+
+
+def describe_exception(exc: BaseException) -> tuple[str, bool]:
+    """(one line for ``exc``, whether it is only a consequence of another rank failing)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    lowered = text.lower()
+    if isinstance(exc, NxdtError):
+        return str(exc), False
+    if "timed out" in lowered or "timeout" in lowered:
+        from nxdt.parallel.world import configured_timeout
+
+        return (f"a collective timed out after {configured_timeout():g} s "
+                f"(distributed_strategy.collective_timeout_s) waiting for another rank"), True
+    if any(s in lowered for s in ("connection closed by peer", "connection reset", "broken pipe",
+                                  "connection refused", "socket closed")):
+        return "lost the connection to another rank (it stopped or died)", True
+    return f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)", False
 
 
 def main() -> int:
     """Worker entry point under torchrun: user errors become one line and a non-zero exit."""
+    die_with_launcher()
+    rank = int(os.environ.get("RANK", 0))
+    directory = os.environ.get(STATUS_DIR_ENV)
+    status = WorkerStatus(directory, rank) if directory and os.path.isdir(directory) else None
+    if status is not None:
+        status.start()
+
+    def watch(trainer: Any) -> None:
+        if status is not None:
+            status.step = lambda: trainer.state.step
+
     try:
-        train(sys.argv[1:])
-    except NxdtError as exc:
-        if os.environ.get("NXDT_DEBUG"):
+        train(sys.argv[1:], on_trainer=watch)
+    except KeyboardInterrupt:
+        if status is not None:
+            status.report("interrupted", 130, secondary=True)
+        return 130
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) or os.environ.get("NXDT_DEBUG"):
             raise
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"nxdt: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        message, secondary = describe_exception(exc)
+        code = exc.exit_code if isinstance(exc, NxdtError) else 1
+        if status is not None:
+            status.report(message, code, secondary)
+        elif rank == 0:
+            print(f"nxdt: error: {message}", file=sys.stderr)
+        return code
     return 0
 
 

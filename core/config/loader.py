@@ -1,6 +1,11 @@
 """Load run configs: YAML files, layering, ``a.b=c`` overrides, ``${...}`` interpolation, strict validation.
 
 Every failure is a one-line ``ConfigError`` naming the file or the dotted key at fault.
+Interpolation is bounded before anything is resolved: references may nest at most
+``MAX_INTERPOLATION_DEPTH`` deep and the resolved config may be at most
+``MAX_RESOLVED_CHARS`` characters, so a few hundred bytes of nested ``${...}`` cannot expand into
+gigabytes. Checkpoint ``filename`` templates are checked here too, so ``--dry-run`` and
+``config validate`` report them.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def compose(layers: Sequence[Mapping[str, Any] | None], overrides: Sequence[str]
             merged = _merge(merged, OmegaConf.create(dict(layer or {})), "config layers")
         for item in overrides:
             merged = _merge(merged, _override(item), f"override {item!r}")
+        check_interpolation(OmegaConf.to_container(merged, resolve=False))
         data = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
@@ -84,10 +90,141 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
 
 def validate(data: Mapping[str, Any]) -> RunConfig:
     """Validate resolved plain data into a RunConfig, translating pydantic errors into one line."""
+    from nxdt.checkpoint.names import check_config
+
     try:
-        return RunConfig.model_validate(dict(data))
+        cfg = RunConfig.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    check_config(cfg)
+    return cfg
+
+
+# -- bounded interpolation --------------------------------------------------------------------
+
+MAX_INTERPOLATION_DEPTH = 32
+MAX_RESOLVED_CHARS = 8 << 20
+
+
+def check_interpolation(tree: Any) -> None:
+    """Refuse ``${...}`` references that nest deeper or resolve larger than the bounds, without resolving them.
+
+    Sizes are estimated per node (memoised), so the check is linear in the unresolved config
+    however large the resolved one would be. Resolver calls count as their arguments; a
+    missing or cyclic reference counts as nothing here (OmegaConf reports it).
+    """
+    _Estimator(tree).check()
+
+
+class _Estimator:
+    def __init__(self, tree: Any):
+        self.tree = tree
+        self.memo: dict[tuple[str, ...], tuple[int, int]] = {}
+        self.active: set[tuple[str, ...]] = set()
+
+    def check(self) -> None:
+        size, depth = self.node(())
+        if size > MAX_RESOLVED_CHARS:
+            raise ConfigError(f"config: ${{...}} interpolation would expand the config to about {size:,} characters "
+                              f"(the limit is {MAX_RESOLVED_CHARS:,})")
+
+    def lookup(self, path: tuple[str, ...]) -> Any:
+        node = self.tree
+        for part in path:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return _MISSING
+        return node
+
+    def node(self, path: tuple[str, ...]) -> tuple[int, int]:
+        """(estimated resolved size in characters, reference depth) of the node at ``path``."""
+        if path in self.memo:
+            return self.memo[path]
+        if path in self.active:
+            return 0, 0  # a cycle: OmegaConf reports it
+        self.active.add(path)
+        value = self.lookup(path)
+        if isinstance(value, dict):
+            parts = [self.node((*path, str(k))) for k in value]
+            result = (sum(len(str(k)) + 4 + p[0] for k, p in zip(value, parts)), max((p[1] for p in parts), default=0))
+        elif isinstance(value, list):
+            parts = [self.node((*path, str(i))) for i in range(len(value))]
+            result = (sum(p[0] + 2 for p in parts), max((p[1] for p in parts), default=0))
+        elif isinstance(value, str) and "${" in value:
+            result = self.text(value, path[:-1])
+        else:
+            result = (len(str(value)), 0)
+        self.active.discard(path)
+        if result[1] > MAX_INTERPOLATION_DEPTH:
+            raise ConfigError(f"{'.'.join(path)}: ${{...}} references nest deeper than {MAX_INTERPOLATION_DEPTH}")
+        if result[0] > MAX_RESOLVED_CHARS:
+            raise ConfigError(f"{'.'.join(path)}: ${{...}} interpolation would expand it to about {result[0]:,} "
+                              f"characters (the limit is {MAX_RESOLVED_CHARS:,})")
+        self.memo[path] = result
+        return result
+
+    def text(self, text: str, parent: tuple[str, ...]) -> tuple[int, int]:
+        """Size and depth of a string with interpolations, its references resolved against ``parent``."""
+        size, depth, i = 0, 0, 0
+        while i < len(text):
+            if text.startswith("\\${", i):
+                size, i = size + 2, i + 3
+                continue
+            if not text.startswith("${", i):
+                size, i = size + 1, i + 1
+                continue
+            end, level, j = -1, 0, i
+            while j < len(text):
+                if text.startswith("${", j):
+                    level, j = level + 1, j + 2
+                    continue
+                if text[j] == "}":
+                    level -= 1
+                    if level == 0:
+                        end = j
+                        break
+                j += 1
+            if end < 0:  # unbalanced: OmegaConf reports the syntax error
+                return size + len(text) - i, depth
+            inner = text[i + 2:end]
+            s, d = self.interpolation(inner, parent)
+            size, depth, i = size + s, max(depth, d + 1), end + 1
+        return size, depth
+
+    def interpolation(self, inner: str, parent: tuple[str, ...]) -> tuple[int, int]:
+        head, colon, args = inner.partition(":")
+        if colon and "${" not in head and not head.startswith("."):  # a resolver call
+            size, depth = self.text(args, parent) if "${" in args else (len(args), 0)
+            for token in args.split(","):  # oc.select-style key arguments reference nodes too
+                path = self.path(token.strip(), parent)
+                if path and self.lookup(path) is not _MISSING:
+                    s, d = self.node(path)
+                    size, depth = size + s, max(depth, d)
+            return size, depth
+        if "${" in inner:  # a key computed by a nested interpolation: count what builds it
+            return self.text(inner, parent)
+        path = self.path(inner.strip(), parent)
+        if path is None or self.lookup(path) is _MISSING:
+            return len(inner), 0
+        return self.node(path)
+
+    @staticmethod
+    def path(ref: str, parent: tuple[str, ...]) -> tuple[str, ...] | None:
+        if not ref:
+            return None
+        ref = ref.replace("[", ".").replace("]", "")
+        if ref.startswith("."):
+            dots = len(ref) - len(ref.lstrip("."))
+            base = parent[: len(parent) - (dots - 1)] if dots - 1 <= len(parent) else ()
+            rest = ref[dots:]
+            return (*base, *[p for p in rest.split(".") if p])
+        return tuple(p for p in ref.split(".") if p)
+
+
+_MISSING = object()
 
 
 def _merge(base: DictConfig, layer: DictConfig, what: str) -> DictConfig:

@@ -42,22 +42,39 @@ def expand_paths(inputs: str | Path | Iterable[str | Path], suffixes: tuple[str,
     return files
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; binary or non-UTF-8 content fails with the file named.
+
+    Decoding with replacement would turn a binary file (an archive, a .bin shard named .txt) into
+    garbage tokens silently, so the first NUL byte or invalid UTF-8 sequence stops the run.
+    """
+    line_no = 0
+    with open(path, encoding="utf-8", errors="strict") as handle:  # universal newlines, as before
+        try:
+            for line_no, line in enumerate(handle, start=1):
+                if "\x00" in line:
+                    raise NxdtError(f"{path}: binary data (a NUL byte on line {line_no}); text data must be UTF-8 text")
+                yield line_no, line
+        except UnicodeDecodeError as exc:
+            raise NxdtError(f"{path}: binary or non-UTF-8 data (byte 0x{exc.object[exc.start]:02x}); text data must be "
+                            "UTF-8 text") from None
+
+
 def iter_jsonl(path: Path, report: BadRowReport) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each JSON object line; blank lines are not rows."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            report.count_read(str(path))
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                report.add(str(path), line_no, "invalid JSON", str(err))
-                continue
-            if not isinstance(record, dict):
-                report.add(str(path), line_no, "not a JSON object", type(record).__name__)
-                continue
-            yield line_no, record
+    for line_no, line in text_lines(path):
+        if not line.strip():
+            continue
+        report.count_read(str(path))
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            report.add(str(path), line_no, "invalid JSON", str(err))
+            continue
+        if not isinstance(record, dict):
+            report.add(str(path), line_no, "not a JSON object", type(record).__name__)
+            continue
+        yield line_no, record
 
 
 def text_field(
@@ -95,14 +112,13 @@ def iter_text_documents(files: Iterable[Path], report: BadRowReport, text_key: s
 
 def _txt_paragraphs(path: Path, report: BadRowReport) -> Iterator[str]:
     paragraph: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.strip():
-                paragraph.append(line.rstrip("\n"))
-            elif paragraph:
-                report.count_read(str(path))
-                yield "\n".join(paragraph)
-                paragraph = []
+    for _, line in text_lines(path):
+        if line.strip():
+            paragraph.append(line.rstrip("\n"))
+        elif paragraph:
+            report.count_read(str(path))
+            yield "\n".join(paragraph)
+            paragraph = []
     if paragraph:
         report.count_read(str(path))
         yield "\n".join(paragraph)

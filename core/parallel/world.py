@@ -46,8 +46,41 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_world(device: str | None = None, timeout_s: int = 600) -> World:
-    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA)."""
+#: ``distributed_strategy.collective_timeout_s`` when the config leaves it unset
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
+
+
+_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+
+
+def configured_timeout() -> float:
+    """The collective timeout (seconds) this process's groups use."""
+    return _timeout_s
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """Make ``timeout_s`` the timeout of every process group created from now on.
+
+    torch gives groups created without a timeout (DeviceMesh sub-groups, new_group) its own
+    default (30 minutes for gloo) rather than the world's, so the default itself is set: a stuck
+    rank then ends every collective waiting for it within the configured bound.
+    """
+    from torch.distributed import distributed_c10d
+
+    global _timeout_s
+    _timeout_s = timeout_s
+    timeout = timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout  # type: ignore[attr-defined]
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout  # type: ignore[attr-defined]
+
+
+def init_world(device: str | None = None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> World:
+    """Join the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA).
+
+    ``timeout_s`` bounds every collective (``distributed_strategy.collective_timeout_s``): a rank
+    that stops answering makes the others fail after it instead of hanging.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -58,6 +91,7 @@ def init_world(device: str | None = None, timeout_s: int = 600) -> World:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
+            set_collective_timeout(timeout_s)
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return World(rank, world_size, local_rank, dev, backend)
 
