@@ -313,7 +313,8 @@ def test_model_mismatch_is_a_short_list(base_ckpt, tmp_path, data_overrides, cap
 
 
 def test_interpolation_bomb_is_refused_with_bounded_memory(tmp_path):
-    """Under 600 bytes of nested ${...} that would resolve to gigabytes: refused at once, in little memory."""
+    """Under 600 bytes of nested ${...} (and a YAML alias bomb) that would build gigabytes: refused at
+    once, the process staying small."""
     doc, prev = ["a: 'xxxxxxxx'"], "a"
     for i in range(1, 11):  # each level repeats the previous one 8 times: 8 x 8^10 characters in the end
         doc.append(f"b{i}: '" + ("${" + prev + "}") * 8 + "'")
@@ -321,11 +322,18 @@ def test_interpolation_bomb_is_refused_with_bounded_memory(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(doc) + "\n")
     assert bomb.stat().st_size < 600
-    code = ("import resource, sys; from nxdt.cli.main import main; rc = main(['config', 'validate', sys.argv[1]]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
-    res = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, env=ENV, timeout=120)
-    assert res.returncode == 2, res.stderr
-    assert "interpolation would expand" in one_line(res.stderr)
+    laughs = tmp_path / "laughs.yaml"
+    rows = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    rows += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    laughs.write_text("\n".join(rows) + "\n")
+    code = ("import resource, sys; from nxdt.cli.main import main; "
+            "codes = [main(['config', 'validate', f]) for f in sys.argv[1:]]; "
+            "print(codes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    res = subprocess.run([sys.executable, "-c", code, str(bomb), str(laughs)], capture_output=True, text=True,
+                         env=ENV, timeout=120)
+    assert res.stdout.split("]")[0] == "[2, 2", res.stdout + res.stderr
+    bomb_err, laughs_err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert "interpolation would expand" in bomb_err and f"{laughs}: YAML anchors and aliases expand" in laughs_err
     max_rss_mib = int(res.stdout.split()[-1]) / 1024
     print(f"interpolation bomb of {bomb.stat().st_size} bytes: refused with max RSS {max_rss_mib:.0f} MiB")
     assert max_rss_mib < 1024
@@ -397,3 +405,29 @@ def test_disk_full_keeps_the_last_checkpoint_and_parseable_metrics(small_fs, dat
     rows = [json.loads(row) for row in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     print(f"disk full: {line}")
+
+
+# -- which rank a failed job names --------------------------------------------------------------
+def test_job_failure_names_the_first_failing_rank(tmp_path):
+    """The launcher's line names the rank that failed first by time (not the smallest rank), prefers a
+    rank's own error over ones that only follow from it, and exits with that rank's code."""
+    from types import SimpleNamespace
+
+    from nxdt.cli.run_command import Watchdog, job_failure
+
+    def report(rank: int, when: float, message: str, code: int, secondary: bool = False) -> None:
+        record = {"rank": rank, "time": when, "message": message, "exit_code": code, "secondary": secondary}
+        (tmp_path / f"rank{rank}.error.json").write_text(json.dumps(record))
+
+    def death(code: int, when: int) -> SimpleNamespace:
+        return SimpleNamespace(exitcode=code, timestamp=when, pid=4242)
+
+    watchdog = Watchdog(str(tmp_path), 10)
+    report(0, 101.0, "a collective timed out", 1, secondary=True)
+    report(3, 100.5, "lost the connection to another rank", 1, secondary=True)
+    failures = {0: death(1, 101), 2: death(-9, 100), 3: death(1, 100)}
+    err = job_failure(failures, str(tmp_path), watchdog)
+    assert str(err) == "rank 2 (pid 4242) was killed by SIGKILL" and err.exit_code == 137
+    report(1, 100.2, "disk is on fire", 5)
+    err = job_failure(failures, str(tmp_path), watchdog)
+    assert str(err) == "rank 1: disk is on fire" and err.exit_code == 5

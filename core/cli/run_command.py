@@ -198,11 +198,22 @@ class Watchdog:
             silent = now - float(beat.get("time", now))
             if silent > self.silence_s:
                 pid = int(beat.get("pid", 0))
+                if _parent_of(pid) != os.getpid():  # not (or no longer) one of this launcher's workers
+                    continue
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError, OverflowError):
                     continue
                 self.verdicts.append({**beat, "silent_s": silent, "when": now})
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of process ``pid`` (Linux /proc), or None when it is gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def job_failure(failures: dict[int, Any], status_dir: str, watchdog: Watchdog) -> JobFailed:

@@ -116,6 +116,14 @@ class WorkerStatus:
         self.beat()
         threading.Thread(target=loop, daemon=True, name="nxdt-heartbeat").start()
 
+    def finish(self) -> None:
+        """Stop beating and remove the heartbeat: a worker that ended normally is not silent."""
+        self._stop.set()
+        try:
+            os.remove(os.path.join(self.directory, f"rank{self.rank}.json"))
+        except OSError:
+            pass
+
     def report(self, message: str, exit_code: int, secondary: bool) -> None:
         """Record this worker's error for the launcher."""
         self._stop.set()
@@ -171,6 +179,8 @@ def main() -> int:
         elif rank == 0:
             print(f"nxdt: error: {message}", file=sys.stderr)
         return code
+    if status is not None:
+        status.finish()
     return 0
 
 

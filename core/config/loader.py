@@ -51,6 +51,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    _check_yaml_aliases(path)
     try:
         # OmegaConf's YAML loader reads 1e-5 as a float (plain YAML 1.1 reads it as a string)
         # and rejects duplicate keys.
@@ -65,6 +66,40 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+MAX_YAML_NODES = 1_000_000
+
+
+def _check_yaml_aliases(path: Path) -> None:
+    """Refuse a YAML file whose anchors and aliases expand to more than MAX_YAML_NODES nodes.
+
+    Aliases share one node in the parsed graph, but building the config copies it for every
+    alias, so nested aliases ("billion laughs") grow exponentially. The graph is composed, not
+    constructed, and its expanded size counted with memoisation.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            root = yaml.compose(f, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return  # OmegaConf reports these itself
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias counts once here; OmegaConf rejects it
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = total
+        return total
+
+    if root is not None and size(root) > MAX_YAML_NODES:
+        raise ConfigError(f"{path}: YAML anchors and aliases expand to more than {MAX_YAML_NODES:,} values")
 
 
 def compose(layers: Sequence[Mapping[str, Any] | None], overrides: Sequence[str] = ()) -> RunConfig:
