@@ -63,6 +63,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     """An unpickler that resolves only the globals in ALLOWED (and torch dtypes)."""
 
     def find_class(self, module: str, name: str) -> Any:
+        """The global ``module.name`` if allowed; anything else raises before it is imported."""
         if (module, name) in ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -70,6 +71,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _RefusedGlobal(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
+        """Refused: DCP metadata has no persistent ids (torch uses them for storages)."""
         raise pickle.UnpicklingError("persistent ids are not used by DCP metadata")
 
 
@@ -151,7 +153,8 @@ class _SafeReading:
     #: the checkpoint directory's path or URL, for messages
     where: str = ""
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:  # noqa: D401 - DCP's interface
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """The checkpoint's ``.metadata``, through :func:`parse_metadata` (DCP's StorageReader interface)."""
         path = self._get_metadata_path(kwargs.get("rank"))  # type: ignore[attr-defined]
         with self.fs.create_stream(path, "rb") as stream:  # type: ignore[attr-defined]
             data = stream.read(_MAX_METADATA_BYTES + 1)
@@ -164,6 +167,7 @@ class _SafeReading:
         return metadata
 
     def read_data(self, plan: Any, planner: Any) -> Any:
+        """Read ``plan``'s tensors file by file, so that a shard torch refuses is named (bytes items refused)."""
         storage = self.storage_data  # type: ignore[attr-defined]
         per_file: dict[str, list[Any]] = defaultdict(list)
         for item in plan.items:

@@ -152,18 +152,22 @@ def check_interpolation(tree: Any) -> None:
 
 
 class _Estimator:
+    """Estimated resolved sizes and reference depths of an unresolved config tree."""
+
     def __init__(self, tree: Any):
         self.tree = tree
         self.memo: dict[tuple[str, ...], tuple[int, int]] = {}
         self.active: set[tuple[str, ...]] = set()
 
     def check(self) -> None:
-        size, depth = self.node(())
+        """Raise when the whole config would resolve larger than the bound."""
+        size, _ = self.node(())
         if size > MAX_RESOLVED_CHARS:
             raise ConfigError(f"config: ${{...}} interpolation would expand the config to about {size:,} characters "
                               f"(the limit is {MAX_RESOLVED_CHARS:,})")
 
     def lookup(self, path: tuple[str, ...]) -> Any:
+        """The unresolved node at ``path``, or _MISSING."""
         node = self.tree
         for part in path:
             if isinstance(node, dict) and part in node:
@@ -230,6 +234,7 @@ class _Estimator:
         return size, depth
 
     def interpolation(self, inner: str, parent: tuple[str, ...]) -> tuple[int, int]:
+        """Size and depth of one ``${inner}``: a node reference or a resolver call."""
         head, colon, args = inner.partition(":")
         if colon and "${" not in head and not head.startswith("."):  # a resolver call
             size, depth = self.text(args, parent) if "${" in args else (len(args), 0)
@@ -248,6 +253,7 @@ class _Estimator:
 
     @staticmethod
     def path(ref: str, parent: tuple[str, ...]) -> tuple[str, ...] | None:
+        """The absolute key path of reference ``ref`` (``a.b``, ``a[0]``, ``.sibling``, ``..uncle``)."""
         if not ref:
             return None
         ref = ref.replace("[", ".").replace("]", "")
