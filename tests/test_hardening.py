@@ -196,23 +196,24 @@ def test_shared_checkpoint_dir_keeps_what_is_not_the_runs(base, base_ckpt, tmp_p
     foreign = shared / "nxdt--step=8-consumed_samples=64"
     shutil.copytree(base_ckpt, foreign)
     rewrite_marker(foreign, step=8, consumed_samples=64, run_id="someone-else")
-    (shared / "nxdt--step=1-consumed_samples=8").mkdir()
-    (shared / "nxdt--step=1-consumed_samples=8" / "__0_0.distcp").write_bytes(b"partial")
+    (shared / "nxdt--step=3-consumed_samples=24").mkdir()
+    (shared / "nxdt--step=3-consumed_samples=24" / "__0_0.distcp").write_bytes(b"partial")
     before = sorted(str(p.relative_to(shared)) for p in shared.rglob("*"))
 
-    run = [*tiny(2, 4), *data_overrides, f"exp_manager.checkpoint_dir={shared}", "exp_manager.resume_if_exists=true",
-           "exp_manager.resume_ignore_no_checkpoint=true", "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+    run = [*tiny(2, 2), *data_overrides, f"exp_manager.checkpoint_dir={shared}", "exp_manager.resume_if_exists=true",
+           "exp_manager.resume_ignore_no_checkpoint=true", "exp_manager.checkpoint_callback_params.every_n_train_steps=1"]
     result = single_trainer(run, tmp_path / "a").fit()
-    assert len(result.losses) == 4  # started at step 0, not from the other run's step 8
+    assert len(result.losses) == 2  # started at step 0, not from the other run's step 8
     after = sorted(str(p.relative_to(shared)) for p in shared.rglob("*"))
     assert set(before) <= set(after)
-    mine = [i for i in list_checkpoints(Store(str(shared))) if i.run_id == (tmp_path / "a" / "nxdt_run_id").read_text().strip()]
-    assert [(i.name, i.complete) for i in mine] == [("nxdt--step=4-consumed_samples=32", True)]
+    run_id = (tmp_path / "a" / "nxdt_run_id").read_text().strip()
+    mine = [(i.name, i.complete) for i in list_checkpoints(Store(str(shared))) if i.run_id == run_id]
+    assert mine == [("nxdt--step=2-consumed_samples=16", True)]  # its step 1 went, nothing else did
 
-    # A second run on the same directory and template must not replace the first one's step 4.
-    with pytest.raises(NxdtError, match=r"nxdt--step=4-consumed_samples=32 already exists and is not this run's"):
+    # A second run on the same directory and template must not replace the first one's step 2.
+    with pytest.raises(NxdtError, match=r"nxdt--step=2-consumed_samples=16 already exists and is not this run's"):
         single_trainer(run, tmp_path / "b").fit()
-    assert inspect_marker(Store(str(shared)), "nxdt--step=4-consumed_samples=32")[0]["run_id"] == mine[0].run_id
+    assert inspect_marker(Store(str(shared)), "nxdt--step=2-consumed_samples=16")[0]["run_id"] == run_id
 
 
 def test_fixed_name_survives_a_crash_during_the_swap(tmp_path, data_overrides, monkeypatch):

@@ -121,21 +121,21 @@ def error_lines(err: str) -> list[str]:
 
 
 def test_fixed_name_checkpoint_killed_mid_save_resumes_from_the_previous_step(tmp_path, data_overrides):
-    """filename=latest: a save killed before its marker leaves the previous `latest` (step 2) complete."""
+    """filename=latest: a save killed before its marker leaves the previous `latest` (step 1) complete."""
     args = ["exp_manager.checkpoint_callback_params.filename=latest",
-            "exp_manager.checkpoint_callback_params.every_n_train_steps=2", "exp_manager.resume_if_exists=true",
+            "exp_manager.checkpoint_callback_params.every_n_train_steps=1", "exp_manager.resume_if_exists=true",
             "exp_manager.resume_ignore_no_checkpoint=true"]
-    cmd = command(tmp_path, data_overrides, *args, nproc=1, steps=6)
-    died = subprocess.run(cmd, env={**ENV, "NXDT_TEST_DIE_DURING_SAVE": "4"}, capture_output=True, text=True, timeout=240)
+    cmd = command(tmp_path, data_overrides, *args, nproc=1, steps=3)
+    died = subprocess.run(cmd, env={**ENV, "NXDT_TEST_DIE_DURING_SAVE": "2"}, capture_output=True, text=True, timeout=240)
     assert died.returncode == 17, died.stderr[-2000:]
     store = Store(str(tmp_path / "checkpoints"))
     assert {i.name: (i.complete, i.step) for i in list_checkpoints(store)} == {
-        "latest": (True, 2), "latest.nxdt-staging-4": (False, None)}
+        "latest": (True, 1), "latest.nxdt-staging-2": (False, None)}
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"resumed step 2 from {tmp_path / 'checkpoints' / 'latest'}" in res.stdout
-    assert {i.name: (i.complete, i.step) for i in list_checkpoints(store)} == {"latest": (True, 6)}
-    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert f"resumed step 1 from {tmp_path / 'checkpoints' / 'latest'}" in res.stdout
+    assert {i.name: (i.complete, i.step) for i in list_checkpoints(store)} == {"latest": (True, 3)}
+    assert steps_logged(tmp_path) == [1, 2, 3]
 
 
 def test_run_lock_launcher_kill_takeover_and_ctrl_c(tmp_path, data_overrides):
