@@ -184,6 +184,7 @@ def test_s3_resume_refuses_a_pickle_payload(base_ckpt, tmp_path, data_overrides,
 
 
 # -- ownership, retention and replacing a checkpoint ------------------------------------------
+@pytest.mark.slow
 def test_shared_checkpoint_dir_keeps_what_is_not_the_runs(base, base_ckpt, tmp_path, data_overrides):
     """Keep-last-1 in a shared checkpoint_dir deletes only the run's own checkpoints; auto-resume ignores others'.
 
@@ -216,6 +217,7 @@ def test_shared_checkpoint_dir_keeps_what_is_not_the_runs(base, base_ckpt, tmp_p
     assert inspect_marker(Store(str(shared)), "nxdt--step=2-consumed_samples=16")[0]["run_id"] == run_id
 
 
+@pytest.mark.slow
 def test_fixed_name_survives_a_crash_during_the_swap(tmp_path, data_overrides, monkeypatch):
     """filename=latest: the save of step 2 is staged, and a crash between the two renames of the swap
     still leaves complete checkpoints; the re-run resumes from step 2 and ends with `latest` alone."""
@@ -254,6 +256,7 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.slow
 def test_malformed_markers_mean_incomplete(base, base_ckpt, tmp_path, data_overrides, capsys):
     """Malformed markers ({"files": {}}, not JSON, a list, wrong types) are a warning each and incomplete
     checkpoints: the listing works, and auto-resume skips them for the run's good step-2 checkpoint."""
@@ -313,6 +316,7 @@ def test_model_mismatch_is_a_short_list(base_ckpt, tmp_path, data_overrides, cap
     assert "model.layers.0.attention.wq.weight: checkpoint [64, 64], model [128, 128]" in line and len(line) < 700
 
 
+@pytest.mark.slow
 def test_interpolation_bomb_is_refused_with_bounded_memory(tmp_path):
     """Under 600 bytes of nested ${...} (and a YAML alias bomb) that would build gigabytes: refused at
     once, the process staying small."""
