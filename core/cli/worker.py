@@ -113,6 +113,10 @@ class WorkerStatus:
             while not self._stop.wait(HEARTBEAT_S):
                 self.beat()
 
+        try:  # a report left by this rank's previous attempt (torchrun --max-restarts) is not about this one
+            os.remove(os.path.join(self.directory, f"rank{self.rank}.error.json"))
+        except OSError:
+            pass
         self.beat()
         threading.Thread(target=loop, daemon=True, name="nxdt-heartbeat").start()
 
