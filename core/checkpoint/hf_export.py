@@ -44,10 +44,8 @@ def shard_state_dict(state: dict[str, torch.Tensor], max_shard_bytes: int) -> li
     return shards
 
 
-def export_hf(checkpoint: str, out_dir: str | Path, max_shard_bytes: int = 2 << 30) -> dict[str, Any]:
-    """Write ``checkpoint`` as an HF directory under ``out_dir``; returns a summary of what was written."""
-    from safetensors.torch import save_file
-
+def read_checkpoint(checkpoint: str) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    """(the ResolvedRun of its saved config, its full model tensors, its marker) of a complete checkpoint."""
     store, name = split_checkpoint_url(checkpoint)
     marker, problem = inspect_marker(store, name)
     if marker is None:
@@ -59,7 +57,40 @@ def export_hf(checkpoint: str, out_dir: str | Path, max_shard_bytes: int = 2 << 
     if config_text is None:
         raise NxdtError(f"{checkpoint} has no {CONFIG_FILE}; cannot tell the model family")
     run = resolve_checkpoint_config(config_text)
-    state = load_model_tensors(store, name, marker)
+    return run, load_model_tensors(store, name, marker), marker
+
+
+def merged_weights(run: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's weights with any LoRA adapters merged in (the base from the run's start when not saved)."""
+    from nxdt.peft.export import base_state_of, lora_settings_of, merge_adapters, split_lora_state
+
+    base, adapters = split_lora_state(state)
+    if not adapters:
+        return state
+    settings = lora_settings_of(run.config)
+    if not all(f"{module}.weight" in base for module in adapters):
+        base = {**base_state_of(run), **base}  # the checkpoint holds adapters only (save_lora_base=false)
+    return merge_adapters(base, adapters, settings.scale)
+
+
+def export_peft(checkpoint: str, out_dir: str | Path) -> dict[str, Any]:
+    """Write a LoRA checkpoint's adapters as a PEFT directory (adapter_config.json + adapter_model.safetensors)."""
+    from nxdt.peft.export import peft_adapter, write_peft
+
+    run, state, marker = read_checkpoint(checkpoint)
+    config, tensors = peft_adapter(run, state)
+    out = write_peft(out_dir, config, tensors)
+    tokenizer_files = _copy_tokenizer(run.config, out)
+    return {"checkpoint": checkpoint, "out_dir": str(out), "step": marker["step"], "family": run.family,
+            "tensors": len(tensors), "target_modules": config["target_modules"], "tokenizer_files": tokenizer_files}
+
+
+def export_hf(checkpoint: str, out_dir: str | Path, max_shard_bytes: int = 2 << 30) -> dict[str, Any]:
+    """Write ``checkpoint`` as an HF directory under ``out_dir`` (LoRA adapters merged); returns a summary."""
+    from safetensors.torch import save_file
+
+    run, state, marker = read_checkpoint(checkpoint)
+    state = merged_weights(run, state)
     hf_state = run.spec.state_dict_adapter(run.arch).to_hf(state)
     # safetensors refuses tensors sharing storage (tied embeddings); each gets its own copy
     hf_state = {k: v.detach().clone().contiguous() for k, v in hf_state.items()}

@@ -16,10 +16,11 @@ def add_parsers(sub: argparse._SubParsersAction, add_common: Callable[[argparse.
     p = sub.add_parser("checkpoints", help="list a run's checkpoints: step, completeness, size")
     p.add_argument("location", help="a run directory, a checkpoint root, or an s3:// checkpoint root")
     add_common(p)
-    p = sub.add_parser("export", help="convert a checkpoint (any parallel layout) to a transformers directory")
+    p = sub.add_parser("export", help="convert a checkpoint (any parallel layout) to a transformers or PEFT directory")
     p.add_argument("checkpoint", help="a checkpoint directory (local or s3://)")
-    p.add_argument("--to", choices=["hf"], default="hf", help="output format")
-    p.add_argument("out_dir", help="where to write config.json, *.safetensors and tokenizer files")
+    p.add_argument("--to", choices=["hf", "peft"], default="hf",
+                   help="hf: config.json + safetensors (LoRA merged); peft: a LoRA checkpoint's adapters in PEFT's format")
+    p.add_argument("out_dir", help="where to write the files (and the run's tokenizer files)")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per safetensors file (default 2)")
     add_common(p)
 
@@ -75,9 +76,17 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export a checkpoint to HF format."""
-    from nxdt.checkpoint.hf_export import export_hf
+    """Export a checkpoint to HF or PEFT format."""
+    from nxdt.checkpoint.hf_export import export_hf, export_peft
 
+    if args.to == "peft":
+        peft_summary = export_peft(args.checkpoint, args.out_dir)
+        if args.json:
+            print(json.dumps(peft_summary, indent=2))
+        else:
+            print(f"exported the LoRA adapters of step {peft_summary['step']} ({peft_summary['family']}, targets "
+                  f"{', '.join(peft_summary['target_modules'])}) to {peft_summary['out_dir']}")
+        return 0
     if args.max_shard_size <= 0:
         raise NxdtError("--max-shard-size must be positive")
     summary: dict[str, Any] = export_hf(args.checkpoint, args.out_dir, int(args.max_shard_size * (1 << 30)))

@@ -1,0 +1,95 @@
+"""LoRA out of nxdt, checked with the user's tools: an SFT run from an HF base with LoRA (fused q/k/v and
+gate/up layouts), `nxdt export --to peft` loaded by `peft.PeftModel` on the transformers base, and
+`nxdt export --to hf` (merged) loaded by transformers, all giving nxdt's logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NXDT_DEVICE": "cpu"}
+SHAPE = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4", "model.num_kv_heads=2",
+         "model.ffn_hidden_size=128"]
+
+
+def nxdt(*args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "nxdt.cli.main", *args], capture_output=True, text=True, env=ENV,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+def write_hf_base(out: Path) -> None:
+    """llama3-tiny's shape as a transformers checkpoint directory (random weights, the embedded tokenizer)."""
+    from safetensors.torch import save_file
+
+    from nxdt.data.embedded import embedded_paths
+    from nxdt.resolve import resolve
+    from nxdt.testing import build_initialized
+
+    run = resolve("llama3-tiny", overrides=SHAPE)
+    model = build_initialized(run.spec, run.arch, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # not the init nxdt would draw itself
+    out.mkdir(parents=True)
+    hf = run.spec.state_dict_adapter(run.arch).to_hf(model.state_dict())
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(run.spec.config_to_hf(run.arch)))
+    for f in Path(embedded_paths()["tokenizer"]).iterdir():
+        shutil.copy2(f, out / f.name)
+
+
+@pytest.mark.slow
+def test_peft_export_and_merged_export_match_nxdt(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = tmp_path / "base"
+    write_hf_base(base)
+    run_dir = tmp_path / "run"
+    nxdt("run", "llama3-tiny", "--recipe", "sft", *SHAPE, f"model.hf_checkpoint={base}", "model.fuse_qkv=true",
+         "model.fuse_gate_up=true", "trainer.max_steps=6", "data.global_batch_size=8", "data.micro_batch_size=4",
+         "data.seq_length=64", "model.optim.lr=0.02", "trainer.limit_test_batches=0", "trainer.val_check_interval=0",
+         "model_alignment_strategy.peft.lora_rank=4", "model_alignment_strategy.peft.lora_alpha=16",
+         "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
+         f"exp_manager.explicit_log_dir={run_dir}")
+    listing = json.loads(nxdt("checkpoints", str(run_dir), "--json").stdout)["checkpoints"]
+    checkpoint = run_dir / "checkpoints" / listing[-1]["name"]
+    nxdt("export", str(checkpoint), "--to", "peft", str(tmp_path / "peft"))
+    nxdt("export", str(checkpoint), "--to", "hf", str(tmp_path / "merged"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = hf_base(input_ids=ids).logits
+    with_adapters = peft.PeftModel.from_pretrained(hf_base, tmp_path / "peft").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
+
+    # nxdt's own LoRA model, rebuilt from the checkpoint (adapters not merged)
+    from nxdt.checkpoint.hf_export import read_checkpoint
+    from nxdt.peft.export import base_state_of
+    from nxdt.peft.lora import LoRASettings, inject_lora, target_globs
+    from nxdt.testing import build_initialized
+
+    run, state, _ = read_checkpoint(str(checkpoint))
+    ours = build_initialized(run.spec, run.arch)
+    settings = LoRASettings.from_section(run.config.model_alignment_strategy.peft, ())
+    inject_lora(ours, target_globs(run.spec, settings.targets), settings, seed=0)
+    ours.load_state_dict({**base_state_of(run), **state}, strict=True)  # the base from the HF checkpoint if not saved
+    ours.eval()
+    with torch.no_grad():
+        nxdt_logits = ours(ids)
+        peft_logits = with_adapters(input_ids=ids).logits
+        merged_logits = merged(input_ids=ids).logits
+    assert (nxdt_logits - plain).abs().max() > 1e-3  # the adapters trained: not the base model
+    assert (peft_logits - nxdt_logits).abs().max() <= 1e-5
+    assert (merged_logits - nxdt_logits).abs().max() <= 1e-5
