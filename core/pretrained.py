@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,13 @@ def _is_buffer(model: nn.Module, key: str) -> bool:
 
 
 def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """Read a transformers checkpoint directory, pick the family from ``model_type``, return the nxdt model."""
+    """Read a transformers checkpoint directory, pick the family from ``model_type``, return the nxdt model.
+
+    The model is the family's own module (its state-dict names are nxdt's) in eval mode. It takes
+    HF's keyword inputs (``model(**tokenizer(text, return_tensors="pt"))``: ``input_ids``,
+    ``attention_mask``, ``token_type_ids``, ``position_ids``) and returns the logits tensor, or
+    outputs whose ``.logits`` are the logits (a family with several heads, such as BERT's NSP).
+    """
     hf_config = read_hf_config(path)
     spec = spec_for_model_type(hf_config.get("model_type", ""))
     arch = spec.config_from_hf(hf_config)
@@ -91,4 +98,32 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     if dtype is not None:
         model.to(dtype)
     model.eval()
+    model.register_forward_pre_hook(_hf_inputs(model, spec), with_kwargs=True)
     return model
+
+
+#: HF inputs that say nothing when they hold these values: one segment, no padding
+_NEUTRAL = {"token_type_ids": lambda v: not bool(v.any()), "attention_mask": lambda v: bool(v.all())}
+
+
+def _hf_inputs(model: nn.Module, spec: ModelSpec) -> Any:
+    """A forward pre-hook passing on the keyword inputs ``model.forward`` takes.
+
+    HF tokenizers return what the *tokenizer* knows (``token_type_ids`` from a BERT tokenizer,
+    ``attention_mask`` always): an input the family's forward does not take is dropped where it
+    holds no information (all zeros token types, an all-ones mask) and refused otherwise.
+    """
+    takes = set(inspect.signature(model.forward).parameters)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        for name, value in kwargs.items():
+            if name in takes or value is None:
+                continue
+            neutral = _NEUTRAL.get(name)
+            if neutral is None or not isinstance(value, torch.Tensor) or not neutral(value):
+                raise NxdtError(
+                    f"the {spec.family} model does not take {name}; its inputs are {', '.join(sorted(takes))}"
+                )
+        return args, {k: v for k, v in kwargs.items() if k in takes}
+
+    return hook

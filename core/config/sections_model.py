@@ -20,6 +20,7 @@ ARCHITECTURE_KEYS: tuple[str, ...] = (
     "kv_channels",
     "vocab_size",
     "type_vocab_size",
+    "bert_binary_head",
     "init_method_std",
     "use_scaled_init_method",
     "hidden_dropout",
@@ -111,6 +112,7 @@ class ModelSection(Section):
     kv_channels: int | None = Field(None, ge=1)  # head dim; None = hidden_size // num_attention_heads
     vocab_size: int | None = Field(None, ge=1)
     type_vocab_size: int | None = Field(None, ge=0)  # BERT token types
+    bert_binary_head: bool | None = None  # BERT's next-sentence head (pooler + classifier), Megatron's name
     init_method_std: float | None = Field(None, gt=0)
     use_scaled_init_method: bool | None = None
     hidden_dropout: Probability = Field(None, ge=0, le=1)

@@ -8,6 +8,7 @@ a bare ``tokenizer.json``, a sentencepiece ``.model``, Megatron's GPT-2 vocab/me
 * ``encode_batch(texts)``, ``decode(ids, skip_special_tokens=True)``;
 * ``eos_id``, ``bos_id`` (``None`` when the tokenizer has none), ``pad_id`` (EOS when there is no
   pad token; padded positions are never trained on), ``vocab_size`` (added tokens included);
+* ``cls_id``, ``sep_id``, ``mask_id``: an encoder's (BERT's) special tokens, ``None`` where absent;
 * ``render_chat(messages, add_generation_prompt=False) -> str`` and
   ``apply_chat_template(...) -> list[int]`` from the tokenizer's chat template.
 """
@@ -34,6 +35,9 @@ class Tokenizer(ABC):
     eos_id: int
     bos_id: int | None
     pad_id: int
+    cls_id: int | None = None
+    sep_id: int | None = None
+    mask_id: int | None = None
     name: str = ""
 
     @abstractmethod
@@ -78,6 +82,8 @@ class HFTokenizer(Tokenizer):
             raise NxdtError(f"tokenizer {self.name!r} has neither an EOS nor a SEP token; pass eos_token=...")
         self.eos_id = eos
         self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else eos
+        self.cls_id, self.sep_id = hf_tokenizer.cls_token_id, hf_tokenizer.sep_token_id
+        self.mask_id = hf_tokenizer.mask_token_id
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS added."""
@@ -132,6 +138,8 @@ class FastTokenizer(Tokenizer):
         self.eos_id = self.rust.token_to_id(eos_token)
         self.bos_id = self.rust.token_to_id(bos_token) if bos_token else None
         self.pad_id = self.rust.token_to_id(pad_token) if pad_token else self.eos_id
+        # A bare tokenizer.json names no roles; an encoder's special tokens go by BERT's names.
+        self.cls_id, self.sep_id, self.mask_id = (self.rust.token_to_id(t) for t in ("[CLS]", "[SEP]", "[MASK]"))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS added."""

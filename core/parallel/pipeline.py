@@ -16,6 +16,7 @@ expect), so the first stage sits on pipeline rank 0 and the last on rank ``pp - 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,6 +171,23 @@ def stage_views(model: nn.Module, plan: StagePlan) -> list[nn.Module]:
     return views
 
 
+def _plain_tuple_outputs(view: nn.Module) -> nn.Module:
+    """``view`` returning a plain tuple where the model returns a NamedTuple (outputs of several heads).
+
+    torch.distributed.pipelining takes a Tensor or a plain tuple of Tensors from a stage and would
+    treat a NamedTuple as one Tensor; the objective receives the plain tuple.
+    """
+    forward = view.forward
+
+    @functools.wraps(forward)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        return tuple(out) if isinstance(out, tuple) and type(out) is not tuple else out
+
+    view.forward = plain  # type: ignore[method-assign]
+    return view
+
+
 # -- the pipelined model ---------------------------------------------------------------------------
 def schedule_class(name: str | None, virtual: int) -> type:
     """The torch schedule called ``name``; Interleaved1F1B with virtual stages, else 1F1B."""
@@ -213,7 +231,7 @@ class PipelineModel(ParallelModel):
         self.has_last = plan.n_stages - 1 in plan.stage_ids
         self.stage_inputs = tuple(stage_inputs)
         self.stages = [
-            PipelineStage(view, s, plan.n_stages, device, group=self.pp_group)
+            PipelineStage(_plain_tuple_outputs(view), s, plan.n_stages, device, group=self.pp_group)
             for view, s in zip(stage_views(module, plan), plan.stage_ids)
         ]
         cls = schedule_class(schedule, parallel.vpp)

@@ -39,7 +39,8 @@ def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
     if style == "lm_head":
         return ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
     if style == "sequence_norm":
-        return SequenceParallel() if sequence_parallel else None
+        # Local outputs: a post-LN block adds the norm's output to the next sublayer's (local) output.
+        return SequenceParallel(use_local_output=True) if sequence_parallel else None
     if style == "replicate":
         return None
     raise ConfigError(f"shard plan style {style!r} is not a tensor-parallel style (expert styles belong to EP)")
@@ -96,4 +97,26 @@ def apply_tensor_parallel(
         raise ConfigError(f"shard plan rules {unmatched} match no module of the model")
     if sequence_parallel:
         module_plan.update(_block_inputs(model, rules))
+    ties = _tied_names(model)
     parallelize_module(model, tp_mesh, module_plan)
+    _restore_ties(model, ties)
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """The FQNs of each parameter shared by several modules (a tied embedding and LM head)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _restore_ties(model: nn.Module, ties: list[list[str]]) -> None:
+    """Share one sharded parameter again where a tie was: each module distributes its own copy of it."""
+    for first, *others in ties:
+        shared = model.get_parameter(first)
+        for name in others:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if getattr(getattr(module, attr), "placements", None) != getattr(shared, "placements", None):
+                raise ConfigError(f"shard plan: tied parameters {first} and {name} are split differently; style them alike")
+            setattr(module, attr, shared)
