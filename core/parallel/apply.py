@@ -75,7 +75,8 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
         kv_heads=kv_heads,
         kv_replicas=kv_replicas,
         aliases=pipeline.aliases if pipeline is not None else None,
-        tied=[n for n in pipeline.tied if n in dict(model.named_parameters())] if pipeline is not None else (),
+        # both names of each tied pair: a stage holds one of them and finds its twin by the other
+        tied=pipeline.tied if pipeline is not None else (),
     )
     zero1 = bool(cfg.distributed_strategy.zero1) and trainable
     flat_optimizer = trainable and (zero1 or precision.param_dtype != "fp32")
