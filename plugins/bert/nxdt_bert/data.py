@@ -62,10 +62,12 @@ class SpecialTokens:
         ids = {name: getattr(tokenizer, f"{name}_id", None) for name in ("cls", "sep", "mask", "pad")}
         missing = [f"[{name.upper()}]" for name, value in ids.items() if value is None]
         if missing:
+            from nxdt_bert.plugin import tokenizer_path
+
             raise NxdtError(
                 f"masked-LM pre-training needs a tokenizer with [CLS], [SEP], [MASK] and [PAD] tokens; "
                 f"{getattr(tokenizer, 'name', '') or tokenizer!r} has no {', '.join(missing)}: set data.tokenizer.type "
-                "to a BERT (WordPiece) tokenizer"
+                f"to a BERT (WordPiece) tokenizer, such as a BERT checkpoint's directory or {tokenizer_path()}"
             )
         others = (getattr(tokenizer, name, None) for name in ("eos_id", "bos_id"))
         special = frozenset(v for v in (*ids.values(), *others) if v is not None)
@@ -87,7 +89,7 @@ class Corpus:
         for document in documents:
             count = 0
             for sentence in document:
-                array = np.asarray(sentence, dtype=np.int64)
+                array = np.asarray(sentence, dtype=np.int32)  # half the memory of int64; any vocabulary fits
                 # A sentence longer than a sample is cut into sample-sized pieces.
                 for start in range(0, len(array), max_sentence):
                     piece = array[start : start + max_sentence]
@@ -129,7 +131,7 @@ class Corpus:
 
 
 def split_sentences(tokens: np.ndarray, specials: SpecialTokens) -> list[np.ndarray]:
-    """Sentences of an already tokenized document: split at [SEP]/EOS, with [CLS]/[PAD]/BOS dropped."""
+    """Sentences of an already tokenized document: [SEP], EOS and BOS end one; [CLS], [PAD] and [MASK] are dropped."""
     ends = {specials.sep, *(t for t in specials.special if t not in (specials.cls, specials.pad, specials.mask))}
     is_end = np.isin(tokens, list(ends))
     keep = ~np.isin(tokens, list(specials.special))
@@ -287,7 +289,7 @@ class MaskedLMDataset(Dataset):
         return a, b, random_next
 
     def _random_text(self, doc: int, length: int, rng: np.random.Generator) -> np.ndarray:
-        """About ``length`` tokens from a random sentence on of a random other document."""
+        """Up to ``length`` tokens of another document (chosen at random), from one of its sentences on."""
         n_docs = self.corpus.num_documents
         other = int(rng.integers(0, n_docs - 1)) if n_docs > 1 else doc
         if n_docs > 1 and other >= doc:

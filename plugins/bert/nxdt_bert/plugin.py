@@ -72,7 +72,7 @@ def tokenizer_path() -> Path:
 
 
 def bert_tiny_preset() -> PresetSpec:
-    """``bert-tiny``: BERT's shape at 0.1M parameters, masked-LM only, with fast CPU defaults and its own tokenizer."""
+    """``bert-tiny``: BERT's shape at 0.15M parameters, masked-LM only, with fast CPU defaults and its own tokenizer."""
     return PresetSpec(
         name="bert-tiny",
         family="bert",
