@@ -25,6 +25,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() already de-duplicates ties
 
 
+def count_expert_parameters(model: nn.Module) -> int:
+    """Parameters of mixture-of-experts weights (modules declaring ``nxdt_expert_params``), which EP splits."""
+    return sum(getattr(m, name).numel() for m in model.modules() for name in getattr(m, "nxdt_expert_params", {}))
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per rank of the model state during training (activations excluded)."""
@@ -52,15 +57,22 @@ def estimate_memory(
     master_weights: bool = True,
     optimizer_state_dtype: str = "fp32",
     zero1: bool = True,
+    expert_parameters: int = 0,
 ) -> MemoryEstimate:
-    """Model-state memory per rank: weights and grads split by TP x PP, optimizer state also by DP with ZeRO-1."""
+    """Model-state memory per rank: weights and grads split by TP x PP, optimizer state also by DP with ZeRO-1.
+
+    ``expert_parameters`` (of ``parameters``) are also split over EP, and ZeRO-1 shards them over
+    the ``dp / ep`` ranks that hold the same experts.
+    """
     model_parallel = parallel.tp * parallel.pp
-    local = parameters / model_parallel
-    shard = parallel.dp if zero1 else 1
+    dense = (parameters - expert_parameters) / model_parallel
+    experts = expert_parameters / (model_parallel * parallel.ep)
+    local = dense + experts
+    sharded = dense / parallel.dp + experts / (parallel.dp // parallel.ep) if zero1 else local
     weight_bytes = _BYTES[param_dtype]
-    master = local * 4 / shard if master_weights and param_dtype != "fp32" else 0
+    master = sharded * 4 if master_weights and param_dtype != "fp32" else 0
     # AdamW keeps two moments per parameter.
-    optim = local * 2 * _BYTES[optimizer_state_dtype] / shard
+    optim = sharded * 2 * _BYTES[optimizer_state_dtype]
     return MemoryEstimate(
         weights=int(local * weight_bytes),
         gradients=int(local * (4 if master_weights else weight_bytes)),
@@ -80,6 +92,7 @@ def describe(spec: ModelSpec, config: Any, seq_length: int, build: Any = None) -
     }
     if spec.is_moe and spec.active_parameters is not None:
         info["active_parameters"] = int(spec.active_parameters(config))
+        info["expert_parameters"] = count_expert_parameters(model)
     return info
 
 

@@ -204,6 +204,8 @@ def parallel_dims(config: RunConfig, world_size: int | None = None) -> ParallelD
         world_size = (config.trainer.devices or 1) * (config.trainer.num_nodes or 1)
         if world_size % model_parallel:
             world_size = model_parallel
+        if (world_size // model_parallel) % ep:
+            world_size = model_parallel * ep  # a plan (inspect, dry run): the smallest world the EP size fits
     if world_size % model_parallel:
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor({tp}) x pipeline({pp}) x context({cp}) = {model_parallel}"

@@ -28,6 +28,7 @@ from nxdt.checkpoint.portable import PortableState
 from nxdt.checkpoint.safe_read import metadata_files
 from nxdt.checkpoint.store import Store
 from nxdt.errors import NxdtError
+from nxdt.parallel.world import dp_leader_ranks
 
 # One process saves and loads without a process group on purpose, and DCP warns each time that
 # there is none (async saves warn from their own thread, so a local filter would miss them).
@@ -79,9 +80,7 @@ def build_groups(mesh: Any, timeout: Any = None) -> Groups:
     rank, world = dist.get_rank(), dist.get_world_size()
     # A separate gloo group lets async saves run their collectives beside training's.
     io = dist.new_group(backend="gloo", timeout=timeout)
-    names = list(mesh.mesh_dim_names)
-    dp_index = names.index("dp")
-    loader_ranks = sorted(mesh.mesh.select(dp_index, 0).flatten().tolist())
+    loader_ranks = dp_leader_ranks(mesh)
     loaders = dist.new_group(ranks=loader_ranks, backend="gloo", timeout=timeout)
     dp_group = mesh["dp"].get_group()
     dp_src = dist.get_global_rank(dp_group, 0)

@@ -10,7 +10,10 @@ Every tensor is keyed by its single-device FQN and saved in its single-device (g
   single-device model lists it, so the tied weight is saved once and loads into both stages;
 - optimizer state is per FQN (``exp_avg``, ``exp_avg_sq``, ``step`` and, with master weights, the
   fp32 ``master``) for torch's AdamW and for the flat ZeRO-1 AdamW alike, so either optimizer, at
-  any DP size, loads what the other saved.
+  any DP size, loads what the other saved;
+- mixture-of-experts weights (parameter role ``expert``, experts stacked on dim 0) are saved one
+  tensor per expert, ``<module>.<e>.<weight>`` (``layers.0.feed_forward.experts.3.w1``), whatever
+  EP rank holds expert ``e``; an expert's TP shards stay DTensors. Any EP/TP/PP layout loads them.
 
 The saved key layout is ``model.<fqn>`` and ``optim.state.<fqn>.<state>``, the one
 ``torch.distributed.checkpoint.state_dict.get_state_dict`` produces for DDP + AdamW, so checkpoints
@@ -22,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from nxdt.parallel.grad_norm import local_tensor
 from nxdt.parallel.kv_replication import replicate_kv, unreplicate_kv
@@ -44,6 +47,10 @@ class PortableState:
         self.kv_ids = {id(p) for p in getattr(model, "kv_params", [])}
         self.kv_heads = getattr(model, "kv_heads", 1)
         self.kv_replicas = getattr(model, "kv_replicas", 1)
+        records = getattr(model, "records", None)
+        roles = {r.local_name: r.role for r in records} if records is not None else {}
+        #: expert weights' local name -> (global index of this rank's first expert, TP mesh, TP placements)
+        self.experts = {name: _expert_layout(p) for name, p in self.params if roles.get(name) == "expert"}
 
     def _is_kv(self, p: torch.Tensor) -> bool:
         return id(p) in self.kv_ids and self.kv_replicas > 1
@@ -59,9 +66,29 @@ class PortableState:
             return unreplicate_kv(full, self.kv_heads, self.kv_replicas)
         return value
 
+    def saved_keys(self, name: str, p: torch.Tensor) -> list[str]:
+        """The keys parameter ``name`` is saved under: its FQN, or one per expert this rank holds."""
+        if name not in self.experts:
+            return [self.key[name]]
+        first = self.experts[name][0]
+        return [expert_key(self.key[name], first + i) for i in range(local_tensor(p).shape[0])]
+
+    def saved_items(self, name: str, p: torch.Tensor, local: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Saved key -> saved form of ``local`` (shaped like ``p``'s local shard); one item per expert for experts."""
+        if name not in self.experts:
+            return {self.key[name]: self.saved(p, local)}
+        _, tp_mesh, placements = self.experts[name]
+        out = {}
+        for key, piece in zip(self.saved_keys(name, p), local.unbind(0)):
+            out[key] = DTensor.from_local(piece, tp_mesh, placements, run_check=False) if tp_mesh is not None else piece
+        return out
+
     def model_state(self) -> dict[str, torch.Tensor]:
         """The model's parameters in saved form, by FQN."""
-        return {self.key[name]: self.saved(p, local_tensor(p).detach()) for name, p in self.params}
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.params:
+            out.update(self.saved_items(name, p, local_tensor(p).detach()))
+        return out
 
     def optim_state(self, optimizer: Any) -> dict[str, dict[str, torch.Tensor]]:
         """The optimizer's state in saved form: FQN -> {exp_avg, exp_avg_sq, step[, master]}."""
@@ -76,8 +103,14 @@ class PortableState:
                     entry["step"] = torch.tensor(float(state["step"]))
                 per_fqn[name] = entry
         by_param = dict(self.params)
-        return {self.key[name]: {k: v if k == "step" else self.saved(by_param[name], v) for k, v in entry.items()}
-                for name, entry in per_fqn.items() if entry}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, entry in per_fqn.items():
+            p = by_param[name]
+            for k, v in entry.items():
+                items = dict.fromkeys(self.saved_keys(name, p), v) if k == "step" else self.saved_items(name, p, v)
+                for key, value in items.items():
+                    out.setdefault(key, {})[k] = value
+        return out
 
     # -- from the saved form ----------------------------------------------------------------------
     def target(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -104,40 +137,75 @@ class PortableState:
             return full
         return loaded.to_local() if isinstance(loaded, DTensor) else loaded
 
+    def targets(self, name: str, p: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Saved key -> an empty saved-form tensor of ``p`` (one per expert for experts)."""
+        if name not in self.experts:
+            return {self.key[name]: self.target(p, dtype)}
+        local = local_tensor(p)
+        return self.saved_items(name, p, torch.empty(local.shape, dtype=dtype, device=local.device))
+
     def model_targets(self) -> dict[str, torch.Tensor]:
         """Empty saved-form tensors for every parameter, in the parameters' dtypes."""
-        return {self.key[name]: self.target(p, p.dtype) for name, p in self.params}
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.params:
+            out.update(self.targets(name, p, p.dtype))
+        return out
 
     def optim_targets(self, optimizer: Any, saved_keys: Any) -> dict[str, dict[str, torch.Tensor]]:
         """Empty saved-form tensors for the optimizer state the checkpoint holds and ``optimizer`` keeps."""
         flat = hasattr(optimizer, "export_state")
         keep_master = flat and bool(optimizer.precision.master_weights)
-        out = {}
+        out: dict[str, dict[str, torch.Tensor]] = {}
         for name, p in self.params:
-            prefix = f"optim.state.{self.key[name]}."
             dtype = optimizer.state_dtype if flat else p.dtype
-            entry = {k: self.target(p, dtype) for k in ADAM_STATES if prefix + k in saved_keys}
-            if keep_master and prefix + MASTER in saved_keys:
-                entry[MASTER] = self.target(p, torch.float32)
-            if prefix + "step" in saved_keys:
-                entry["step"] = torch.empty((), dtype=torch.float32)
-            if entry:
-                out[self.key[name]] = entry
+            kinds = [(k, dtype) for k in ADAM_STATES] + ([(MASTER, torch.float32)] if keep_master else [])
+            for k, kind_dtype in kinds:
+                keys = [key for key in self.saved_keys(name, p) if f"optim.state.{key}.{k}" in saved_keys]
+                if keys:
+                    empties = self.targets(name, p, kind_dtype)
+                    for key in keys:
+                        out.setdefault(key, {})[k] = empties[key]
+            for key in self.saved_keys(name, p):
+                if f"optim.state.{key}.step" in saved_keys:
+                    out.setdefault(key, {})["step"] = torch.empty((), dtype=torch.float32)
         return out
+
+    def gathered(self, name: str, p: torch.Tensor, loaded: dict[str, Any]) -> torch.Tensor | None:
+        """``p``'s rank-local tensor from loaded saved-form values (key -> tensor); None if any is missing."""
+        if name not in self.experts:
+            value = loaded.get(self.key[name])
+            return None if value is None else self.local(p, value)
+        keys = self.saved_keys(name, p)
+        if any(key not in loaded for key in keys):
+            return None
+        return torch.stack([local_tensor(loaded[key]) for key in keys])
 
     @torch.no_grad()
     def load_model(self, loaded: dict[str, torch.Tensor]) -> None:
         """Copy loaded saved-form parameters into the (sharded, replicated) model."""
         for name, p in self.params:
-            local_tensor(p).copy_(self.local(p, loaded[self.key[name]]))
+            value = self.gathered(name, p, loaded)
+            if value is None:
+                raise KeyError(f"checkpoint lacks {self.key[name]}")
+            local_tensor(p).copy_(value)
 
     @torch.no_grad()
     def load_optim(self, optimizer: Any, loaded: dict[str, dict[str, torch.Tensor]]) -> None:
         """Install loaded saved-form optimizer state (after :meth:`load_model`: a missing master is the weights)."""
-        by_param = dict(self.params)
-        saved = {self.key[name]: name for name in by_param}
-        per_fqn = {saved[key]: {k: v if k == "step" else self.local(by_param[saved[key]], v) for k, v in entry.items()}
-                   for key, entry in loaded.items()}
+        per_fqn: dict[str, dict[str, torch.Tensor]] = {}
+        for name, p in self.params:
+            keys = self.saved_keys(name, p)
+            kinds = set.intersection(*(set(loaded.get(key, {})) for key in keys))
+            entry: dict[str, torch.Tensor] = {}
+            for k in sorted(kinds):
+                if k == "step":
+                    entry[k] = loaded[keys[0]][k]
+                    continue
+                value = self.gathered(name, p, {key: loaded[key][k] for key in keys})
+                if value is not None:
+                    entry[k] = value
+            if entry:
+                per_fqn[name] = entry
         if hasattr(optimizer, "import_state"):
             optimizer.import_state({name: per_fqn.get(name, {}) for name, _ in self.params})
             return
@@ -156,3 +224,28 @@ class PortableState:
             # torch keeps the step on the parameter's device only for fused (and capturable) kernels.
             state["step"] = entry["step"].to(local_tensor(p).device if fused else "cpu").clone()
             optimizer.state[p] = state
+
+
+def expert_key(key: str, expert: int) -> str:
+    """The saved key of one expert of stacked weight ``key``: ``a.b.experts.w1`` -> ``a.b.experts.<e>.w1``."""
+    module, _, weight = key.rpartition(".")
+    return f"{module}.{expert}.{weight}"
+
+
+def _expert_layout(p: torch.Tensor) -> tuple[int, Any, list[Any]]:
+    """(global index of the first local expert, TP mesh of one expert's slice or None, its placements)."""
+    if not isinstance(p, DTensor):
+        return 0, None, []
+    mesh, names = p.device_mesh, p.device_mesh.mesh_dim_names or ()
+    first: int = 0
+    tp_mesh: Any = None
+    placements: list[Any] = []
+    for dim, placement in zip(names, p.placements):
+        sub = mesh[dim] if mesh.ndim > 1 else mesh
+        if dim == "ep":
+            first = sub.get_local_rank() * local_tensor(p).shape[0]
+        elif isinstance(placement, Shard):
+            # One expert's slice drops the expert dimension, so the TP split moves one dimension left.
+            tp_mesh, placements = sub, [Shard(placement.dim - 1)]
+    return first, tp_mesh, placements
+

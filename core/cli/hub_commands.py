@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nxdt.cli.main import print_json
+from nxdt.errors import ConfigError
 from nxdt.model_info import architecture_dict, describe, estimate_memory, format_count
 from nxdt.plugin_host import get_host
 
@@ -108,7 +109,10 @@ def inspect_preset(name: str, overrides: list[str]) -> dict[str, Any]:
     seq = cfg.data.seq_length or (resolved.preset.seq_length if resolved.preset else 2048)
     parallel = resolved.parallel_dims()
     info = describe(spec, resolved.arch, seq, _builder(host, spec))
-    plan = host.shard_plan(spec, resolved.arch, parallel)
+    try:
+        plan = host.shard_plan(spec, resolved.arch, parallel)
+    except ValueError as exc:  # a layout the family cannot split (heads or experts over TP / EP)
+        raise ConfigError(str(exc)) from None
     precision = cfg.precision.resolved(cfg.model.optim.name)
     memory = estimate_memory(
         info["parameters"],

@@ -93,6 +93,7 @@ class DistributedStrategySection(Section):
     pipeline_schedule: str | None = None
     context_parallel_size: Count = 1
     expert_model_parallel_size: Count = 1
+    token_shuffle_group_size: int | None = Field(None, ge=1)  # NxD MoE token shuffling; only 1 (none) here
     zero1: bool = False  # shard optimizer state over data parallel ranks
     sequence_parallel: bool = False
     kv_replicator: int | None = Field(None, ge=1)  # KV-head replication when TP exceeds the KV heads

@@ -92,6 +92,7 @@ class MoeSection(Section):
     top_k: int | None = Field(None, ge=1)
     output_router_logits: bool | None = None
     router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float | None = None  # ST-MoE router z-loss (nxdt's addition; with output_router_logits)
     normalize_top_k_affinities: bool | None = None
 
 

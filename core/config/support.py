@@ -115,10 +115,21 @@ def _moe_section(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | N
 
 
 def _expert_parallel(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> str | None:
-    if v and v > 1:
-        if not spec.is_moe:
-            return f"expert parallelism needs a mixture-of-experts family; {spec.family} is dense"
-        return "expert parallelism is not available yet"
+    if v and v > 1 and not spec.is_moe:
+        return f"expert parallelism needs a mixture-of-experts family; {spec.family} is dense"
+    return None
+
+
+def _token_shuffle(v: Any, *_: Any) -> str | None:
+    if v is not None and v > 1:
+        return "shuffling tokens across data-parallel ranks before routing is not available; leave it unset or 1"
+    return None
+
+
+def _one_dp_rank(v: Any, cfg: RunConfig, *_: Any) -> str | None:
+    if v and cfg.distributed_strategy.expert_model_parallel_size > 1:
+        # The loading DP rank's experts are not its DP peers' experts.
+        return "DP peers hold different experts under expert parallelism, so every rank must load; set it to false"
     return None
 
 
@@ -182,7 +193,7 @@ KEYS: dict[str, Key] = {
     "exp_manager.checkpoint_callback_params.use_master_weights_in_ckpt": read("nxdt.checkpoint.dcp_io"),
     "exp_manager.checkpoint_dir": read(_E),
     "exp_manager.async_checkpointing": read(_E),
-    "exp_manager.load_from_one_dp_rank": read(_E),
+    "exp_manager.load_from_one_dp_rank": read(_E, _one_dp_rank),
     "exp_manager.save_bf16": fixed(_refuse_true("saving bf16 copies of the weights is not available yet")),
     "exp_manager.log_parameter_norm": read(_T),
     "exp_manager.log_gradient_norm": read(_T),
@@ -201,6 +212,7 @@ KEYS: dict[str, Key] = {
         lambda v, *_: "context parallelism is not available yet; set it to 1" if v > 1 else None,
     ),
     "distributed_strategy.expert_model_parallel_size": read("nxdt.resolve", _expert_parallel),
+    "distributed_strategy.token_shuffle_group_size": fixed(_token_shuffle),
     "distributed_strategy.zero1": read("nxdt.parallel.apply"),
     "distributed_strategy.sequence_parallel": read("nxdt.resolve"),
     "distributed_strategy.kv_replicator": read("nxdt.resolve"),
@@ -247,7 +259,7 @@ KEYS: dict[str, Key] = {
     "model.model_config": read(_M),
     "model.hf_checkpoint": read("nxdt.parallel.apply"),
     "model.encoder_seq_length": read(_M),
-    "model.moe": read("nxdt.config.support", _moe_section),
+    "model.moe": read("nxdt.modeling.moe", _moe_section),
     "model.pipeline_cuts": read("nxdt.parallel.pipeline"),
     "model.use_cpu_initialization": read("nxdt.parallel.apply"),
     "model.weight_init_only": read(_E),

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from nxdt.modeling.moe import MoEConfig, as_moe_config
+
 #: MLP activations the kit implements; the gated ones (``*glu``) have a gate and an up projection.
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu")
 GATED = ("swiglu", "geglu")
@@ -52,6 +54,7 @@ class TransformerConfig:
     hidden_dropout: float = 0.0  # on embeddings and on each residual branch's output
     attention_dropout: float = 0.0  # on attention probabilities
     ffn_dropout: float = 0.0  # inside the MLP, after the activation
+    moe: MoEConfig | None = None  # mixture-of-experts feed-forward on every moe.frequency-th block (a dict is read too)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -82,6 +85,9 @@ class TransformerConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        self.moe = as_moe_config(self.moe)
+        if self.moe is not None and self.mlp_bias:
+            raise ValueError("mixture-of-experts layers have no MLP biases; set mlp_bias (has_bias) to false")
 
     @property
     def gated(self) -> bool:

@@ -13,9 +13,9 @@ from typing import Any
 
 from nxdt.modeling.attention import CoreAttention
 from nxdt.modeling.config import TransformerConfig
-from nxdt.modeling.counting import flops_per_token, num_parameters
+from nxdt.modeling.counting import active_parameters, flops_per_token, num_parameters
 from nxdt.modeling.hf_adapter import LLAMA_STYLE_KEYS, HFKeyTable, TableAdapter
-from nxdt.modeling.nxdt_keys import config_from_keys
+from nxdt.modeling.nxdt_keys import MOE_KEYS, config_from_keys
 from nxdt.modeling.sharding import transformer_plan
 from nxdt.modeling.transformer import build_transformer, init_transformer, pipeline_blocks
 from nxdt.specs import ModelSpec, ParallelDims
@@ -118,13 +118,15 @@ def transformer_family(
     nxdt_fixed: Mapping[str, Sequence[Any]] | None = None,
     nxdt_unsupported: Sequence[str] = (),
     build_model: Callable[[Any], Any] = build_transformer,
+    moe: bool = False,
     **spec_fields: Any,
 ) -> ModelSpec:
     """A complete ModelSpec for a family whose model is the kit's ``Transformer`` (or a subclass).
 
     ``nxdt_fixed`` are NxDT ``model.*`` keys accepted only with the listed values (a decoder with
     RMSNorm and SwiGLU refuses ``normalization: layernorm``); ``nxdt_unsupported`` are refused
-    outright. ``spec_fields`` override any other ``ModelSpec`` field.
+    outright. ``moe``: the family reads ``model.moe`` (mixture-of-experts blocks from the kit) and
+    reports active parameters. ``spec_fields`` override any other ``ModelSpec`` field.
     """
     fixed = {
         "normalization": ("rmsnorm",),
@@ -138,7 +140,8 @@ def transformer_family(
 
     def config_from_nxdt(section: Mapping[str, Any], base: Any = None) -> Any:
         return config_from_keys(
-            section, base, config_class, family=family, fixed=fixed, unsupported=nxdt_unsupported
+            section, base, config_class, family=family, fixed=fixed, unsupported=nxdt_unsupported,
+            extra=MOE_KEYS if moe else None,
         )
 
     def shard_plan(cfg: Any, parallel: ParallelDims) -> Any:
@@ -162,6 +165,8 @@ def transformer_family(
         pipeline_blocks=pipeline_blocks,
         peft_targets=KIT_PEFT_TARGETS,
         recompute_modules={"CoreAttention": CoreAttention},
+        is_moe=moe,
+        active_parameters=active_parameters if moe else None,
     )
     fields.update(spec_fields)
     return ModelSpec(**fields)

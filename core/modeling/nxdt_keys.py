@@ -73,6 +73,9 @@ KIT_KEYS: dict[str, str | Callable[[Any], dict[str, Any]]] = {
     "ffn_dropout": "ffn_dropout",
 }
 
+#: ``model.moe`` for a family with mixture-of-experts layers (``transformer_family(..., moe=True)``)
+MOE_KEYS: dict[str, str | Callable[[Any], dict[str, Any]]] = {"moe": lambda v: {"moe": dict(v)}}
+
 #: keys the engine handles for every family (resolve checks them), never family config fields
 ENGINE_KEYS = ("encoder_seq_length", "make_vocab_size_divisible_by", "moe")
 #: keys that change kernels or numerics tricks, not the model; reported as having no effect here
@@ -100,7 +103,8 @@ def config_from_keys(
     table.update(extra or {})
     kwargs: dict[str, Any] = {}
     for key, value in section.items():
-        if value is None or key in ENGINE_KEYS or key in NO_EFFECT_KEYS:
+        # An engine key a family reads itself (``moe`` for an MoE family) goes to the family.
+        if value is None or (key in ENGINE_KEYS and key not in table) or key in NO_EFFECT_KEYS:
             continue
         if key in fixed:
             allowed = list(fixed[key])
@@ -117,6 +121,12 @@ def config_from_keys(
         vocab = kwargs.get("vocab_size", getattr(base, "vocab_size", None) if base is not None else None)
         vocab = vocab if vocab is not None else config_class().vocab_size
         kwargs["vocab_size"] = -(-vocab // divisor) * divisor
+    moe = kwargs.get("moe")
+    if isinstance(moe, Mapping):
+        # model.moe.* keys change the base's (else the family default's) MoE settings one by one.
+        current = getattr(base if base is not None else config_class(), "moe", None)
+        if current is not None:
+            kwargs["moe"] = {**dataclasses.asdict(current), **moe}
     if base is None:
         return config_class(**kwargs)
     if {"hidden_size", "num_attention_heads"} & kwargs.keys() and "head_dim" not in kwargs:

@@ -16,6 +16,7 @@ from torch import nn
 from nxdt.modeling.attention import Attention, attention_mask
 from nxdt.modeling.config import TransformerConfig
 from nxdt.modeling.mlp import MLP
+from nxdt.modeling.moe import GroupedExperts, MoE
 from nxdt.modeling.norms import RMSNorm, build_norm
 from nxdt.modeling.rope import RotaryEmbedding
 
@@ -23,7 +24,7 @@ from nxdt.modeling.rope import RotaryEmbedding
 class TransformerBlock(nn.Module):
     """Attention then MLP, each around a residual; pre-norm (decoders) or post-norm (BERT-style)."""
 
-    def __init__(self, cfg: TransformerConfig, post_norm: bool = False) -> None:
+    def __init__(self, cfg: TransformerConfig, post_norm: bool = False, layer_id: int = 0) -> None:
         super().__init__()
         assert cfg.head_dim is not None and cfg.num_kv_heads is not None and cfg.qkv_bias is not None
         self.post_norm = post_norm
@@ -41,14 +42,25 @@ class TransformerBlock(nn.Module):
             dropout=cfg.attention_dropout,
         )
         self.ffn_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.feed_forward = MLP(
-            cfg.hidden_size,
-            cfg.ffn_hidden_size,
-            cfg.activation,
-            bias=cfg.mlp_bias,
-            fused_gate_up=cfg.fuse_gate_up,
-            dropout=cfg.ffn_dropout,
-        )
+        self.feed_forward: nn.Module
+        if cfg.moe is not None and cfg.moe.is_moe_layer(layer_id):
+            self.feed_forward = MoE(
+                cfg.hidden_size,
+                cfg.ffn_hidden_size,
+                cfg.activation,
+                cfg.moe,
+                layer_id=layer_id,
+                num_moe_layers=len(cfg.moe.moe_layers(cfg.num_layers)),
+            )
+        else:
+            self.feed_forward = MLP(
+                cfg.hidden_size,
+                cfg.ffn_hidden_size,
+                cfg.activation,
+                bias=cfg.mlp_bias,
+                fused_gate_up=cfg.fuse_gate_up,
+                dropout=cfg.ffn_dropout,
+            )
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout) if self.dropout and self.training else x
@@ -87,7 +99,7 @@ class Transformer(nn.Module):
             self.pos_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         else:
             self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.post_norm) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.post_norm, i) for i in range(cfg.num_layers)})
         # Post-norm blocks end normalised; pre-norm stacks need a final norm.
         self.norm: nn.Module | None = None if cfg.post_norm else build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -186,6 +198,8 @@ def init_transformer(model: nn.Module, cfg: TransformerConfig) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
         elif isinstance(module, (RMSNorm, nn.LayerNorm, RotaryEmbedding)):
             module.reset_parameters()
+        elif isinstance(module, GroupedExperts):
+            module.init_weights(cfg.init_std, cfg.out_init_std)
 
 
 def pipeline_blocks(cfg: TransformerConfig) -> list[str]:

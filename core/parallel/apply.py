@@ -3,10 +3,12 @@
 Order: materialize (init or HF weights, identical on every rank from the run seed) -> parameter
 dtype -> pipeline split (each rank keeps its stages' blocks) -> KV-head replication ->
 tensor/sequence parallel from the shard plan in force (a plugin's ``nxdt_shard_plan`` override
-included) -> activation checkpointing -> data parallel (DDP for plain DP; explicit gradient sync
-for TP and ZeRO-1 layouts, whose DTensor parameters DDP does not accept) -> the per-parameter
-record. Each step reads plain data (the shard plan, the distributed_strategy, the resolved
-precision) from the :class:`~nxdt.run_context.RunContext`; the model stays single-device code.
+included) -> expert parallelism (modules styled ``expert``) -> activation checkpointing ->
+``torch.compile`` per block (``model.fusions.torch_compile``) -> data parallel (DDP for plain DP;
+explicit gradient sync for TP, EP and ZeRO-1 layouts, whose DTensor parameters or expert groups
+DDP does not handle) -> the per-parameter record. Each step reads
+plain data (the shard plan, the distributed_strategy, the resolved precision) from the
+:class:`~nxdt.run_context.RunContext`; the model stays single-device code.
 Every rank materializes the whole model before sharding: exact parity with one process, at the
 cost of one full copy per rank while building (sharded initialisation is future work).
 """
@@ -57,6 +59,7 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
     kv_heads, kv_replicas = 0, 1
     if parallel.tp > 1:
         kv_names, kv_heads, kv_replicas = _shard(model, ctx, partial=pipeline is not None)
+    sync = _split_experts(model, ctx, partial=pipeline is not None)
     from nxdt.parallel.activation_checkpoint import apply_activation_checkpointing
 
     if trainable:
@@ -77,12 +80,15 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
         aliases=pipeline.aliases if pipeline is not None else None,
         # both names of each tied pair: a stage holds one of them and finds its twin by the other
         tied=pipeline.tied if pipeline is not None else (),
+        roles=dict.fromkeys(sync, "expert"),
+        sync=sync,
     )
     zero1 = bool(cfg.distributed_strategy.zero1) and trainable
     flat_optimizer = trainable and (zero1 or precision.param_dtype != "fp32")
     ddp = None
-    # Pipeline schedules run backward themselves, past DDP's hooks: their gradients sync explicitly.
-    if trainable and parallel.dp > 1 and parallel.tp == 1 and not flat_optimizer and pipeline is None:
+    # Pipeline schedules run backward themselves, past DDP's hooks: their gradients sync explicitly,
+    # as do expert-parallel experts, which sync over their own (edp) group.
+    if trainable and parallel.dp > 1 and parallel.tp == 1 and not flat_optimizer and pipeline is None and parallel.ep == 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(
@@ -115,6 +121,17 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
             **common,
         )
     return ParallelModel(model, ddp=ddp, **common)
+
+
+def _split_experts(model: nn.Module, ctx: RunContext, partial: bool) -> dict[str, str]:
+    """Split MoE experts over EP (and TP); returns each expert weight's sync dimension (``edp`` under EP)."""
+    from nxdt.parallel.expert_parallel import apply_expert_parallel, expert_param_names
+
+    names = expert_param_names(model)
+    if ctx.parallel.tp > 1 or ctx.parallel.ep > 1:
+        names = apply_expert_parallel(model, ctx, partial=partial)
+    # Under EP an expert lives on its edp group only; else it is as replicated as any dense weight.
+    return dict.fromkeys(names, "edp" if ctx.parallel.ep > 1 else "dp")
 
 
 def _shard(model: nn.Module, ctx: RunContext, partial: bool = False) -> tuple[list[str], int, int]:

@@ -77,6 +77,10 @@ class ParallelModel:
         self.dp_mesh = mesh["dp"] if mesh is not None and self.dp > 1 else None
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
         self.tp_group = self.tp_mesh.get_group() if self.tp_mesh is not None else None
+        # Expert parallelism: experts differ across "ep" ranks and are replicated over "edp" only.
+        self.ep = parallel.ep if parallel is not None else 1
+        self.ep_group = mesh["ep"].get_group() if self.ep > 1 else None
+        self.edp_mesh = mesh["edp"] if self.ep > 1 and self.dp > self.ep else None
         # Set by pipelined layouts: each pipeline rank holds other parameters, so norms sum over it.
         self.pp_group: Any = None
         self.precision = precision
@@ -89,6 +93,9 @@ class ParallelModel:
         kv = self.records.kv_replicated()
         self.kv_heads = kv[0].kv_heads if kv else 1
         self.kv_replicas = kv[0].kv_replicas if kv else 1
+        #: modules reporting per-step metrics (MoE load) and taking the router losses' gradient weight
+        self.metric_modules = [m for m in module.modules() if hasattr(m, "nxdt_step_metrics")]
+        self.aux_modules = [m for m in module.modules() if hasattr(m, "nxdt_aux_loss_scale")]
 
     # -- views the checkpoint code reads ------------------------------------------------------------
     @property
@@ -131,6 +138,7 @@ class ParallelModel:
         per step), so it counts once per optimizer step however the batch is split.
         """
         stats = StepStats(torch.zeros((), device=micro_batches[0]["input_ids"].device))
+        self.set_aux_loss_scale(aux_scale)
         for i, mb in enumerate(micro_batches):
             with self.no_sync(i < len(micro_batches) - 1), autocast(), self.loss_parallel():
                 outputs = self(**model_inputs(mb, self.inputs))
@@ -142,6 +150,7 @@ class ParallelModel:
                     out.metrics.setdefault("aux_loss", (aux.detach(), torch.ones((), device=aux.device)))
                 total.backward()
             stats.add(out)
+        self.add_module_metrics(stats)
         return stats
 
     @torch.no_grad()
@@ -184,6 +193,19 @@ class ParallelModel:
         """An extra loss term the model computed in its forward (MoE load balancing), if any."""
         return getattr(self.trainable_module, "aux_loss", None)
 
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """The gradient weight of losses modules attach to their outputs (the kit's MoE router losses)."""
+        for m in self.aux_modules:
+            setattr(m, "nxdt_aux_loss_scale", scale)  # noqa: B010
+
+    def add_module_metrics(self, stats: StepStats, last: int | None = None) -> None:
+        """Add the step's module metrics (MoE expert load, router losses) to ``stats`` as (sum, count) pairs."""
+        for m in self.metric_modules:
+            metrics: Any = getattr(m, "nxdt_step_metrics")  # noqa: B009
+            for name, (value, count) in metrics(last).items():
+                pair = torch.stack([_plain(value).detach().float(), _plain(count).detach().float()]).to(stats.loss.device)
+                stats.metrics[name] = stats.metrics[name] + pair if name in stats.metrics else pair
+
     # -- optimizer -----------------------------------------------------------------------------
     def build_optimizer(self, build: Any, optim_cfg: Any, do_layer_norm_weight_decay: bool) -> torch.optim.Optimizer:
         """``build(module, optim_cfg, ...)`` for plain layouts; the flat DP-sharded AdamW for ZeRO-1 / bf16 weights."""
@@ -197,6 +219,7 @@ class ParallelModel:
         if name not in ADAMW_NAMES:
             raise ConfigError(f"model.optim.name: unsupported optimizer {name!r}; supported: {', '.join(ADAMW_NAMES)}")
         groups = decay_groups(self.records.trainable(), optim_cfg.weight_decay or 0.0, bool(do_layer_norm_weight_decay))
+        # ZeRO-1 shards each weight's optimizer state over the group that syncs it (experts: edp).
         self.optimizer = FlatShardedAdamW(
             groups,
             lr=optim_cfg.lr,
@@ -205,6 +228,9 @@ class ParallelModel:
             precision=self.precision,
             dp_mesh=self.dp_mesh if self.zero1 else None,
             seed=self.seed,
+            sync={r.local_name: r.sync for r in self.records.trainable()},
+            sync_meshes={"edp": self.edp_mesh if self.zero1 else None},
+            grad_divisor=self.dp,
         )
         self._norm_weight_shards = self.optimizer.flat_like(self.norm_weight)
         return self.optimizer
@@ -230,23 +256,36 @@ class ParallelModel:
             # Non-ZeRO flat optimizers own one shard per rank: they still need the DP average.
             self.optimizer.reduce_gradients()
             if not self.zero1 and self.dp_group is not None:
-                for g in self.optimizer.shard_grads():
-                    dist.all_reduce(g, group=self.dp_group)
+                for g, sync in zip(self.optimizer.shard_grads(), self.optimizer.shard_syncs()):
+                    group = self._sync_group(sync)
+                    if group is not None:
+                        dist.all_reduce(g, group=group)
                     g.div_(self.dp)
         elif self.ddp is None and self.dp_group is not None:
-            grads = self._local_grads(trainable)
-            _all_reduce_mean_coalesced(grads, self.dp_group, self.dp)
+            for sync in sorted({r.sync for r in self.records.trainable()}):
+                grads = self._local_grads([r.param for r in self.records.trainable() if r.sync == sync])
+                # Experts sum over edp and divide by the whole DP size: their gradient already
+                # holds the tokens of every ep rank (the all-to-all's backward brought them).
+                _all_reduce_mean_coalesced(grads, self._sync_group(sync), self.dp)
+
+    def _sync_group(self, sync: str) -> Any:
+        """The process group that averages gradients of parameters synced over ``sync`` (None: one rank)."""
+        if sync == "edp":
+            return self.edp_mesh.get_group() if self.edp_mesh is not None else None
+        return self.dp_group
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
         """True global gradient norm (replicated values counted once); clip to ``max_norm`` when given."""
         if self.flat_optimizer:
             grads = self.optimizer.shard_grads()
-            sq = grad_norm.weighted_sq_sum(grads, self._norm_weight_shards[: len(grads)])
+            weights, syncs = self._norm_weight_shards[: len(grads)], self.optimizer.shard_syncs()
+            # Under ZeRO-1 the DP sum adds every shard once, experts' included (edp x ep = dp).
+            sq = self._distinct_sq(grads, weights, syncs, over_ep=not self.zero1)
             groups = [self.dp_group if self.zero1 else None, self.tp_group, self.pp_group]
         else:
             records = [r for r in self.records.trainable() if r.param.grad is not None]
             grads = [local_tensor(r.param.grad) for r in records]
-            sq = grad_norm.weighted_sq_sum(grads, [r.norm_weight for r in records])
+            sq = self._distinct_sq(grads, [r.norm_weight for r in records], [r.sync for r in records])
             groups = [self.tp_group, self.pp_group]
         total = grad_norm.reduce_norm(sq, groups)
         grad_norm.clip_(grads, total, max_norm)
@@ -257,8 +296,21 @@ class ParallelModel:
         """L2 norm of all parameters, replicated values counted once."""
         if not len(self.records):
             return 0.0
-        sq = grad_norm.weighted_sq_sum([local_tensor(r.param) for r in self.records], [r.norm_weight for r in self.records])
+        records = list(self.records)
+        sq = self._distinct_sq([local_tensor(r.param) for r in records], [r.norm_weight for r in records],
+                               [r.sync for r in records])
         return grad_norm.reduce_norm(sq, [self.tp_group, self.pp_group])
+
+    def _distinct_sq(self, tensors: list[torch.Tensor], weights: list[Any], syncs: list[str],
+                     over_ep: bool = True) -> torch.Tensor:
+        """Weighted squared sum in which experts held by other EP ranks count too (summed over ``ep``)."""
+        if self.ep_group is None or not over_ep or "edp" not in syncs:
+            return grad_norm.weighted_sq_sum(tensors, weights)
+        dense = [i for i, s in enumerate(syncs) if s != "edp"]
+        expert = [i for i, s in enumerate(syncs) if s == "edp"]
+        sq = grad_norm.weighted_sq_sum([tensors[i] for i in expert], [weights[i] for i in expert])
+        dist.all_reduce(sq, group=self.ep_group)
+        return sq + grad_norm.weighted_sq_sum([tensors[i] for i in dense], [weights[i] for i in dense])
 
     # -- export --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -285,13 +337,14 @@ class ParallelModel:
 
 
 def _all_reduce_mean_coalesced(tensors: list[torch.Tensor], group: Any, size: int) -> None:
-    """Average ``tensors`` over ``group`` in one flat all-reduce per dtype (few gloo round trips)."""
+    """Sum ``tensors`` over ``group`` (None: this rank alone) and divide by ``size``, one flat all-reduce per dtype."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for same in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in same])
-        dist.all_reduce(flat, group=group)
+        if group is not None:
+            dist.all_reduce(flat, group=group)
         flat.div_(size)
         offset = 0
         for t in same:

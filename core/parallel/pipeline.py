@@ -272,7 +272,7 @@ class PipelineModel(ParallelModel):
         raise NxdtError("pipeline parallelism: the whole-model forward is unavailable; use forward_backward/forward_loss")
 
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """No auxiliary loss crosses pipeline stages."""
+        """No model-level auxiliary loss crosses stages; layers attach theirs to the activations (kit MoE)."""
         return None
 
     def _stage_loss(self, outputs: Any, rows: torch.Tensor) -> torch.Tensor:
@@ -306,16 +306,20 @@ class PipelineModel(ParallelModel):
         stats = StepStats(torch.zeros((), device=input_ids.device))
         for out in outs:
             stats.add(out)
+        if train:
+            # This rank's stages' module metrics (MoE load), of the real micro-batches only.
+            self.add_module_metrics(stats, last=self.n_microbatches)
         return self._share_last_stage(stats, objective)
 
     def _share_last_stage(self, stats: StepStats, objective: Any) -> StepStats:
-        """Only the last stage computed the loss: a sum over the pipeline hands it to every rank."""
-        names = sorted(stats.metrics) if self.has_last else []
-        box = [names]
-        # The last pipeline rank knows the metric names; the others learn them before the sum.
-        last = dist.get_global_rank(self.pp_group, self.pp - 1)
-        dist.broadcast_object_list(box, src=last, group=self.pp_group)
-        names = box[0]
+        """Only the last stage computed the loss: a sum over the pipeline hands it to every rank.
+
+        Module metrics (an MoE layer's load) come from whichever stage holds the module.
+        """
+        every: list[Any] = [None] * self.pp
+        # Each pipeline rank knows its metric names; all learn the union before the sum.
+        dist.all_gather_object(every, sorted(stats.metrics), group=self.pp_group)
+        names = sorted({n for part in every for n in part})
         device = stats.loss.device
         flat = torch.cat([stats.loss.reshape(1).float()] + [stats.metrics.get(n, torch.zeros(2, device=device)) for n in names])
         dist.all_reduce(flat, group=self.pp_group)
@@ -324,6 +328,7 @@ class PipelineModel(ParallelModel):
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, scale: float | torch.Tensor,
                          autocast: Callable[[], Any], aux_scale: float = 1.0) -> StepStats:
         """Run the step's micro-batches through the training schedule; returns this DP rank's sums."""
+        self.set_aux_loss_scale(aux_scale)
         with autocast():
             return self._run(micro_batches, objective, scale, train=True)
 
@@ -366,8 +371,6 @@ def plan_pipeline(model: nn.Module, ctx: Any) -> StagePlan:
     run, parallel, mesh, cfg = ctx.run, ctx.parallel, ctx.mesh, ctx.cfg
     if run.spec.pipeline_blocks is None:
         raise ConfigError(f"{run.family}: the family declares no pipeline_blocks, so it cannot be pipelined")
-    if getattr(run.spec, "is_moe", False):
-        raise ConfigError(f"{run.family}: pipeline parallelism does not carry the MoE auxiliary loss across stages yet")
     blocks = run.spec.pipeline_blocks(run.arch)
     n_stages = parallel.pp * parallel.vpp
     layout = split_blocks(blocks, n_stages, cfg.model.pipeline_cuts)

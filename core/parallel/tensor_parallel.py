@@ -41,9 +41,9 @@ def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
     if style == "sequence_norm":
         # Local outputs: a post-LN block adds the norm's output to the next sublayer's (local) output.
         return SequenceParallel(use_local_output=True) if sequence_parallel else None
-    if style == "replicate":
-        return None
-    raise ConfigError(f"shard plan style {style!r} is not a tensor-parallel style (expert styles belong to EP)")
+    if style in ("replicate", "expert"):
+        return None  # expert modules are split by nxdt.parallel.expert_parallel (EP, and TP inside them)
+    raise ConfigError(f"shard plan style {style!r} is not a tensor-parallel style")
 
 
 def _block_inputs(model: nn.Module, plan: dict[str, str]) -> dict[str, ParallelStyle]:

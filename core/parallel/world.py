@@ -96,8 +96,16 @@ def init_world(device: str | None = None, timeout_s: float = DEFAULT_COLLECTIVE_
     return World(rank, world_size, local_rank, dev, backend)
 
 
+#: with expert parallelism, DP splits into expert-data-parallel x expert-parallel ranks ("dp" is their flattening)
+EP_MESH_DIMS = ("pp", "edp", "ep", "cp", "tp")
+
+
 def build_mesh(world: World, parallel: ParallelDims):
-    """A DeviceMesh named ("pp", "dp", "cp", "tp") over the world, or None for one process."""
+    """A DeviceMesh named ("pp", "dp", "cp", "tp") over the world, or None for one process.
+
+    With expert parallelism (``ep`` > 1) the mesh is ("pp", "edp", "ep", "cp", "tp"), carving EP
+    out of DP as NxD does (EP peers are adjacent DP ranks), and "dp" is the flattened ("edp", "ep").
+    """
     if not world.is_distributed:
         return None
     from torch.distributed.device_mesh import init_device_mesh
@@ -108,7 +116,23 @@ def build_mesh(world: World, parallel: ParallelDims):
             f"layout pp({parallel.pp}) x dp({parallel.dp}) x cp({parallel.cp}) x tp({parallel.tp}) = "
             f"{parallel.world_size} does not equal the world size {world.world_size}"
         )
+    if parallel.ep > 1:
+        sizes.update(edp=parallel.dp // parallel.ep, ep=parallel.ep)
+        mesh = init_device_mesh(world.device.type, tuple(sizes[d] for d in EP_MESH_DIMS), mesh_dim_names=EP_MESH_DIMS)
+        mesh["edp", "ep"]._flatten("dp")
+        return mesh
     return init_device_mesh(world.device.type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+
+
+def dp_leader_ranks(mesh) -> list[int]:
+    """Global ranks whose data-parallel index is 0 (one per model-parallel position)."""
+    names = list(mesh.mesh_dim_names)
+    ranks = mesh.mesh
+    for dim in ("dp", "edp", "ep"):
+        if dim in names:
+            ranks = ranks.select(names.index(dim), 0)
+            names.remove(dim)
+    return sorted(ranks.flatten().tolist())
 
 
 def shutdown(world: World) -> None:

@@ -7,6 +7,9 @@ the master copy, of that slice only. A step is: gradients averaged over DP (all-
 each rank takes its slice; NCCL would use reduce-scatter, gloo has none), AdamW on the slice
 computed in fp32, then the updated slices all-gathered and copied back into the parameters.
 
+Under expert parallelism the experts, replicated over the ``edp`` ranks only, get flat buffers of
+their own, sharded over ``edp`` (each optimizer parameter group then holds two slices).
+
 Without ``zero1`` the same class keeps fp32 master weights (``mixed_precision``) or bf16 weights
 with stochastic rounding (``bf16SR``), with one DP shard holding everything.
 
@@ -54,6 +57,9 @@ class FlatGroup:
     shard_start: int
     shard_numel: int
     grad_acc: torch.Tensor | None = None  # fp32 accumulation buffer (fp32_grad_acc)
+    sync: str = "dp"  # the mesh dimension whose group averages (and, with ZeRO-1, shards) these parameters
+    group: Any = None  # that group's process group when it shards the buffer, else None
+    size: int = 1  # ranks sharing the buffer
 
 
 class FlatShardedAdamW(torch.optim.Optimizer):
@@ -69,37 +75,58 @@ class FlatShardedAdamW(torch.optim.Optimizer):
         precision: Any,
         dp_mesh: Any = None,
         seed: int = 0,
+        sync: dict[str, str] | None = None,
+        sync_meshes: dict[str, Any] | None = None,
+        grad_divisor: int | None = None,
     ):
+        """``sync``: parameter name -> the mesh dimension that syncs it (default ``dp``); parameters of
+        another dimension (experts: ``edp``) get their own flat buffers, sharded over ``sync_meshes``'
+        mesh for it. ``grad_divisor`` divides the summed gradients (default: the ``dp_mesh`` size)."""
         self.dp_group = dp_mesh.get_group() if dp_mesh is not None and dp_mesh.size() > 1 else None
         self.dp = dp_mesh.size() if self.dp_group is not None else 1
         self.dp_rank = dp_mesh.get_local_rank() if self.dp_group is not None else 0
+        self.grad_divisor = grad_divisor or self.dp
+        meshes = {"dp": dp_mesh, **(sync_meshes or {})}
         self.precision = precision
         self.state_dtype = torch_dtype(precision.optimizer_state_dtype)
         self.seed = seed
         self.flat_groups: list[FlatGroup] = []
+        self._shards: list[torch.Tensor] = []  # the optimizer's parameters, one per flat group
         torch_groups = []
         for g in named_groups:
-            flat = self._layout(g["names"], g["params"])
-            master_dtype = torch.float32 if precision.master_weights else flat.params[0].dtype
-            full = self._flatten([local_tensor(p.detach()) for p in flat.params], flat, torch.float32)
-            shard = full[flat.shard_start : flat.shard_start + flat.shard_numel].to(master_dtype).clone()
-            if precision.fp32_grad_acc:
-                flat.grad_acc = torch.zeros(flat.numel, dtype=torch.float32, device=shard.device)
-            self.flat_groups.append(flat)
-            torch_groups.append({"params": [shard], "weight_decay": g["weight_decay"]})
+            parts: dict[str, tuple[list[str], list[torch.Tensor]]] = {}
+            for name, param in zip(g["names"], g["params"]):
+                part = parts.setdefault((sync or {}).get(name, "dp"), ([], []))
+                part[0].append(name)
+                part[1].append(param)
+            shards = []
+            for key in sorted(parts, key=lambda k: k != "dp"):  # the dense buffer first
+                flat = self._layout(*parts[key], meshes.get(key), key)
+                master_dtype = torch.float32 if precision.master_weights else flat.params[0].dtype
+                full = self._flatten([local_tensor(p.detach()) for p in flat.params], flat, torch.float32)
+                shard = full[flat.shard_start : flat.shard_start + flat.shard_numel].to(master_dtype).clone()
+                if precision.fp32_grad_acc:
+                    flat.grad_acc = torch.zeros(flat.numel, dtype=torch.float32, device=shard.device)
+                self.flat_groups.append(flat)
+                self._shards.append(shard)
+                shards.append(shard)
+            torch_groups.append({"params": shards, "weight_decay": g["weight_decay"]})
         super().__init__(torch_groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         if precision.fp32_grad_acc:
             self._install_fp32_accumulation()
 
     # -- layout --------------------------------------------------------------------------------
-    def _layout(self, names: list[str], params: list[torch.Tensor]) -> FlatGroup:
+    def _layout(self, names: list[str], params: list[torch.Tensor], mesh: Any = None, sync: str = "dp") -> FlatGroup:
+        group = mesh.get_group() if mesh is not None and mesh.size() > 1 else None
+        size = mesh.size() if group is not None else 1
+        rank = mesh.get_local_rank() if group is not None else 0
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
             total += local_tensor(p).numel()
-        padded = math.ceil(total / self.dp) * self.dp if total else self.dp
-        shard = padded // self.dp
-        return FlatGroup(list(names), list(params), offsets, padded, self.dp_rank * shard, shard)
+        padded = math.ceil(total / size) * size if total else size
+        shard = padded // size
+        return FlatGroup(list(names), list(params), offsets, padded, rank * shard, shard, sync=sync, group=group, size=size)
 
     @staticmethod
     def _flatten(tensors: list[torch.Tensor | None], flat: FlatGroup, dtype: torch.dtype) -> torch.Tensor:
@@ -124,13 +151,12 @@ class FlatShardedAdamW(torch.optim.Optimizer):
     def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per FQN: rank-local ``exp_avg``, ``exp_avg_sq``, ``master`` (with master weights) and ``step`` (a DP collective)."""
         out: dict[str, dict[str, torch.Tensor]] = {}
-        for flat, group in zip(self.flat_groups, self.param_groups):
-            shard = group["params"][0]
+        for flat, shard in zip(self.flat_groups, self._shards):
             state = self.state.get(shard, {})
             buffers = {k: state[k] for k in STATE_KEYS if k in state}
             if self.precision.master_weights:
                 buffers["master"] = shard
-            full = {k: self._gather(v) for k, v in buffers.items()}
+            full = {k: self._gather(v, flat) for k, v in buffers.items()}
             for name, p, off in zip(flat.names, flat.params, flat.offsets):
                 local = local_tensor(p)
                 entry = {k: v[off : off + local.numel()].view_as(local).clone() for k, v in full.items()}
@@ -139,11 +165,12 @@ class FlatShardedAdamW(torch.optim.Optimizer):
                 out[name] = entry
         return out
 
-    def _gather(self, shard: torch.Tensor) -> torch.Tensor:
-        if self.dp_group is None:
+    @staticmethod
+    def _gather(shard: torch.Tensor, flat: FlatGroup) -> torch.Tensor:
+        if flat.group is None:
             return shard
-        pieces = [torch.empty_like(shard) for _ in range(self.dp)]
-        dist.all_gather(pieces, shard, group=self.dp_group)
+        pieces = [torch.empty_like(shard) for _ in range(flat.size)]
+        dist.all_gather(pieces, shard, group=flat.group)
         return torch.cat(pieces)
 
     @torch.no_grad()
@@ -153,8 +180,7 @@ class FlatShardedAdamW(torch.optim.Optimizer):
         Without a ``master`` entry the parameters' current values are the master (so load the
         model first); without ``exp_avg`` the moments start at zero.
         """
-        for flat, group in zip(self.flat_groups, self.param_groups):
-            shard = group["params"][0]
+        for flat, shard in zip(self.flat_groups, self._shards):
             lo, hi = flat.shard_start, flat.shard_start + flat.shard_numel
             state: dict[str, Any] = {}
             steps = {float(states[n]["step"]) for n in flat.names if "step" in states[n]}
@@ -218,22 +244,25 @@ class FlatShardedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Average the accumulated gradients over DP and give each shard its slice as ``.grad``."""
-        for flat, group in zip(self.flat_groups, self.param_groups):
+        for flat, shard in zip(self.flat_groups, self._shards):
             if flat.grad_acc is not None:
                 full = flat.grad_acc
             else:
                 grads = [local_tensor(p.grad) if p.grad is not None else None for p in flat.params]
                 full = self._flatten(grads, flat, torch.float32)
-            if self.dp_group is not None:
-                dist.all_reduce(full, group=self.dp_group)
-                full = full / self.dp
-            shard = group["params"][0]
+            if flat.group is not None:
+                dist.all_reduce(full, group=flat.group)
+                full = full / self.grad_divisor
             # A bf16 shard (bf16SR without master weights) takes a bf16 gradient, as torch requires.
             shard.grad = full[flat.shard_start : flat.shard_start + flat.shard_numel].to(shard.dtype, copy=True)
 
     def shard_grads(self) -> list[torch.Tensor]:
-        """This rank's gradient slices (one per group)."""
-        return [g["params"][0].grad for g in self.param_groups if g["params"][0].grad is not None]
+        """This rank's gradient slices (one per flat group)."""
+        return [s.grad for s in self._shards if s.grad is not None]
+
+    def shard_syncs(self) -> list[str]:
+        """The sync dimension of each of :meth:`shard_grads`' slices."""
+        return [f.sync for f, s in zip(self.flat_groups, self._shards) if s.grad is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the shards' and the model parameters' gradients and the fp32 accumulators."""
@@ -254,8 +283,7 @@ class FlatShardedAdamW(torch.optim.Optimizer):
         # alike. The gathered copy-back draws one stream for all ranks, keeping DP replicas equal.
         generator = self._generator(first.device, step, self.dp_rank)
         gather_generator = self._generator(first.device, step, -1)
-        for group in self.param_groups:
-            shard = group["params"][0]
+        for group, shard in ((g, s) for g in self.param_groups for s in g["params"]):
             if shard.grad is None:
                 continue
             beta1, beta2 = group["betas"]
@@ -288,14 +316,8 @@ class FlatShardedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _gather_into_params(self, generator: torch.Generator | None) -> None:
-        for flat, group in zip(self.flat_groups, self.param_groups):
-            shard = group["params"][0].float()
-            if self.dp_group is not None:
-                pieces = [torch.empty_like(shard) for _ in range(self.dp)]
-                dist.all_gather(pieces, shard, group=self.dp_group)
-                full = torch.cat(pieces)
-            else:
-                full = shard
+        for flat, shard in zip(self.flat_groups, self._shards):
+            full = self._gather(shard.float(), flat)
             for p, off in zip(flat.params, flat.offsets):
                 local = local_tensor(p)
                 src = full[off : off + local.numel()].view_as(local)

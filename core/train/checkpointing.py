@@ -120,7 +120,9 @@ class Checkpointer:
         marker, problem = self._agree(lambda: inspect_marker(store, name))
         if marker is None:
             raise NxdtError(f"{store.url(name)} is not a complete nxdt checkpoint ({problem or 'no completion marker'})")
-        whole_model = getattr(getattr(self.trainer, "parallel", None), "pp", 1) == 1
+        parallel = getattr(self.trainer, "parallel", None)
+        # Pipeline stages and expert-parallel ranks each ask for a part of the model's tensors.
+        whole_model = getattr(parallel, "pp", 1) == 1 and getattr(parallel, "ep", 1) == 1
         self.last_load = dcp_io.load(self.trainer, store, name, marker, self.groups, weights_only=weights_only,
                                      one_dp_rank=bool(self.em.load_from_one_dp_rank), whole_model=whole_model)
         if not weights_only:
