@@ -96,7 +96,11 @@ def capture(trainer: Any, rank: int) -> tuple[dict[str, Any], bool]:
     has_optim = bool(optimizer.state)
     state: dict[str, Any] = {"model": portable.model_state()}
     if has_optim:
-        state["optim"] = {"state": portable.optim_state(optimizer)}
+        optim_state = portable.optim_state(optimizer)
+        if trainer.cfg.exp_manager.checkpoint_callback_params.use_master_weights_in_ckpt is False:
+            # NxDT's use_master_weights_in_ckpt=false: no fp32 master; a resume takes the saved weights as master
+            optim_state = {k: {n: v for n, v in e.items() if n != "master"} for k, e in optim_state.items()}
+        state["optim"] = {"state": optim_state}
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         state[OPTIM_GROUPS] = json_tensor(hyper)
     s = trainer.state

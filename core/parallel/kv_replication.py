@@ -48,6 +48,8 @@ def replicate_kv_(model: nn.Module, globs: tuple[str, ...] | list[str], num_kv_h
         if not isinstance(module, nn.Linear):
             raise ConfigError(f"KV replication: {name} is a {type(module).__name__}, not a Linear")
         for pname, param in list(module.named_parameters(recurse=False)):
+            if pname == "lora_A":
+                continue  # an adapter's input side: its rows are the rank, not heads
             rows = param.detach().unflatten(0, (num_kv_heads, -1)).repeat_interleave(replicas, dim=0).flatten(0, 1)
             setattr(module, pname, nn.Parameter(rows.clone(), requires_grad=param.requires_grad))
             names.append(f"{name}.{pname}")

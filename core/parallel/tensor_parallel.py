@@ -13,11 +13,12 @@ import fnmatch
 from typing import Any
 
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -31,9 +32,9 @@ def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
     """The DTensor style of one plan entry; None for ``replicate`` (plain tensors stay whole)."""
     seq = Shard(1) if sequence_parallel else Replicate()
     if style == "colwise":
-        return ColwiseParallel()
+        return AdapterColwise()
     if style == "rowwise":
-        return RowwiseParallel(output_layouts=seq)
+        return AdapterRowwise(output_layouts=seq)
     if style == "embedding":
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
     if style == "lm_head":
@@ -43,7 +44,36 @@ def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
         return SequenceParallel(use_local_output=True) if sequence_parallel else None
     if style in ("replicate", "expert"):
         return None  # expert modules are split by nxdt.parallel.expert_parallel (EP, and TP inside them)
+    if style == "sequence_output":
+        # Learned positions: the table stays whole; under SP the output is cut to this rank's
+        # sequence slice to join the sharded token embeddings (no communication forward).
+        if not sequence_parallel:
+            return None
+        return PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
     raise ConfigError(f"shard plan style {style!r} is not a tensor-parallel style")
+
+
+class AdapterColwise(ColwiseParallel):
+    """Column-parallel Linear; a LoRA layer's ``lora_B`` is column-parallel with it, its ``lora_A`` replicated."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: Any) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = Replicate() if pname == "lora_A" else Shard(0)
+            dist = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
+            module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
+
+
+class AdapterRowwise(RowwiseParallel):
+    """Row-parallel Linear; a LoRA layer's ``lora_A`` is row-parallel with it, its ``lora_B`` replicated."""
+
+    def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: Any) -> None:
+        if isinstance(module, nn.Linear):
+            super()._partition_linear_fn(name, module, device_mesh)
+        for pname, placement in (("lora_A", Shard(1)), ("lora_B", Replicate())):
+            param = getattr(module, pname, None)
+            if isinstance(param, nn.Parameter):
+                dist = distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank)
+                module.register_parameter(pname, nn.Parameter(dist, requires_grad=param.requires_grad))
 
 
 def _block_inputs(model: nn.Module, plan: dict[str, str]) -> dict[str, ParallelStyle]:
@@ -98,8 +128,14 @@ def apply_tensor_parallel(
     if sequence_parallel:
         module_plan.update(_block_inputs(model, rules))
     ties = _tied_names(model)
+    # Some torch styles re-create parameters as trainable (SequenceParallel, leftover replication):
+    # a frozen base (LoRA) must stay frozen.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     parallelize_module(model, tp_mesh, module_plan)
     _restore_ties(model, ties)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
 
 
 def _tied_names(model: nn.Module) -> list[list[str]]:
