@@ -88,13 +88,22 @@ def build_groups(mesh: Any, timeout: Any = None) -> Groups:
 
 
 # -- save -------------------------------------------------------------------------------------
-def capture(trainer: Any, rank: int) -> tuple[dict[str, Any], bool]:
-    """The state dict of a checkpoint of ``trainer`` on this rank, and whether it holds optimizer state."""
+def capture(trainer: Any, rank: int, final: bool = False) -> tuple[dict[str, Any], bool]:
+    """The state dict of a checkpoint of ``trainer`` on this rank, and whether it holds optimizer state.
+
+    ``final``: the run's last save (a LoRA run with ``merge_lora`` saves merged weights then).
+    """
+    from nxdt.peft.checkpoint import checkpoint_model_state, peft_section
+
     optimizer = trainer.optimizer
     portable = PortableState(trainer.model)
     # Before the first step the optimizer has no state: a step-0 checkpoint holds weights only.
     has_optim = bool(optimizer.state)
-    state: dict[str, Any] = {"model": portable.model_state()}
+    model_state = portable.model_state()
+    peft = peft_section(trainer.cfg)
+    if peft is not None:
+        model_state = checkpoint_model_state(trainer.model, portable, model_state, peft, final)
+    state: dict[str, Any] = {"model": model_state}
     if has_optim:
         optim_state = portable.optim_state(optimizer)
         if trainer.cfg.exp_manager.checkpoint_callback_params.use_master_weights_in_ckpt is False:
@@ -288,8 +297,12 @@ def _empty_like_saved(meta: Any) -> torch.Tensor:
 
 
 def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: Groups,
-         weights_only: bool = False, one_dp_rank: bool = False, whole_model: bool = True) -> LoadReport:
-    """Verify checkpoint ``name`` and load it into ``trainer`` (model, optimizer, schedule, RNG, state)."""
+         weights_only: bool = False, one_dp_rank: bool = False, whole_model: bool = True,
+         own_checkpoint: bool = False) -> LoadReport:
+    """Verify checkpoint ``name`` and load it into ``trainer`` (model, optimizer, schedule, RNG, state).
+
+    ``own_checkpoint``: one of this run's own (auto-resume), whose LoRA adapters always load.
+    """
     verify(store, name, marker, groups)
     optimizer = trainer.optimizer
     portable = PortableState(trainer.model)
@@ -307,6 +320,15 @@ def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: 
         _dcp_load(small, store, name, io, counter)
 
     big: dict[str, Any] = {"model": portable.model_targets()}
+    peft = trainer.cfg.model_alignment_strategy.peft if trainer.cfg.model_alignment_strategy else None
+    if peft is not None:
+        # A LoRA run takes the base weights the checkpoint has (the rest come from where the run
+        # took its base) and its adapters only when it should (nxdt.peft.checkpoint).
+        from nxdt.peft.checkpoint import wanted_on_load
+
+        keys = wanted_on_load({k[len("model."):] for k in saved if k.startswith("model.")}, peft, own_checkpoint)
+        big["model"] = {k: v for k, v in big["model"].items() if k in keys}
+        whole_model = False
     if with_optim:
         big["optim"] = {"state": portable.optim_targets(optimizer, saved)}
     check_fits(saved, big, store.url(name), whole_model=whole_model)
@@ -318,7 +340,7 @@ def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: 
     else:
         _dcp_load(big, store, name, io, counter)
 
-    portable.load_model(big["model"])
+    portable.load_model(big["model"], partial=peft is not None)
     if with_optim:
         portable.load_optim(optimizer, big["optim"]["state"])
     try:

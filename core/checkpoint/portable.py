@@ -181,10 +181,15 @@ class PortableState:
         return torch.stack([local_tensor(loaded[key]) for key in keys])
 
     @torch.no_grad()
-    def load_model(self, loaded: dict[str, torch.Tensor]) -> None:
-        """Copy loaded saved-form parameters into the (sharded, replicated) model."""
+    def load_model(self, loaded: dict[str, torch.Tensor], partial: bool = False) -> None:
+        """Copy loaded saved-form parameters into the (sharded, replicated) model.
+
+        ``partial``: parameters the checkpoint does not hold keep their values (a LoRA run's base).
+        """
         for name, p in self.params:
             value = self.gathered(name, p, loaded)
+            if value is None and partial:
+                continue
             if value is None:
                 raise KeyError(f"checkpoint lacks {self.key[name]}")
             local_tensor(p).copy_(value)

@@ -92,15 +92,19 @@ class Store:
 
     def write_text(self, text: str, *parts: str) -> None:
         """Write a small text file; locally through a rename so readers never see half of it."""
+        self.write_bytes(text.encode("utf-8"), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write a file; locally through a rename so readers never see half of it."""
         path = self._p(*parts)
         if self.remote:  # an S3 PUT is atomic: the object appears whole or not at all
-            with self.fs.open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
             return
         self.fs.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

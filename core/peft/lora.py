@@ -104,11 +104,12 @@ def inject_lora(model: nn.Module, globs: Sequence[str], settings: LoRASettings, 
         a = torch.empty(settings.rank, module.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         module.__class__ = LoRALinear
-        module.lora_A = nn.Parameter(a.to(device=weight.device, dtype=weight.dtype))
-        module.lora_B = nn.Parameter(torch.zeros(module.out_features, settings.rank, device=weight.device, dtype=weight.dtype))
-        module.lora_scale = settings.scale
-        module.lora_dropout = settings.dropout
-        module.adapters_enabled = True
+        lora: LoRALinear = module  # type: ignore[assignment]
+        lora.lora_A = nn.Parameter(a.to(device=weight.device, dtype=weight.dtype))
+        lora.lora_B = nn.Parameter(torch.zeros(module.out_features, settings.rank, device=weight.device, dtype=weight.dtype))
+        lora.lora_scale = settings.scale
+        lora.lora_dropout = settings.dropout
+        lora.adapters_enabled = True
         adapted.append(name)
     if not adapted:
         raise ConfigError(f"model_alignment_strategy.peft.target_modules {list(settings.targets)} match no module")

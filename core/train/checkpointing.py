@@ -123,8 +123,10 @@ class Checkpointer:
         parallel = getattr(self.trainer, "parallel", None)
         # Pipeline stages and expert-parallel ranks each ask for a part of the model's tensors.
         whole_model = getattr(parallel, "pp", 1) == 1 and getattr(parallel, "ep", 1) == 1
+        own = marker.get("run_id") == self.run_id
         self.last_load = dcp_io.load(self.trainer, store, name, marker, self.groups, weights_only=weights_only,
-                                     one_dp_rank=bool(self.em.load_from_one_dp_rank), whole_model=whole_model)
+                                     one_dp_rank=bool(self.em.load_from_one_dp_rank), whole_model=whole_model,
+                                     own_checkpoint=own)
         if not weights_only:
             self._last_saved_step = self.trainer.state.step
         per_rank = [self.last_load.bytes_read]
@@ -175,9 +177,9 @@ class Checkpointer:
     def maybe_save(self, final: bool = False) -> None:
         """Save when the schedule says so."""
         if self._due(final):
-            self.save()
+            self.save(final=final)
 
-    def save(self) -> str:
+    def save(self, final: bool = False) -> str:
         """Save a checkpoint of the trainer's current state; returns its name."""
         t0 = time.perf_counter()
         self.wait()
@@ -189,7 +191,10 @@ class Checkpointer:
                 "async": use_async, "run_id": self.run_id, "name": name,
                 "layout": {k: getattr(trainer.parallel, k) for k in ("dp", "tp", "pp", "cp", "ep")}}
         try:
-            payload, meta["has_optimizer"] = dcp_io.capture(trainer, self.groups.rank)
+            payload, meta["has_optimizer"] = dcp_io.capture(trainer, self.groups.rank, final=final)
+            peft = trainer.cfg.model_alignment_strategy.peft if trainer.cfg.model_alignment_strategy else None
+            if peft is not None:
+                meta["lora"] = {"base": bool(peft.save_lora_base), "merged": bool(final and peft.merge_lora)}
             future = dcp_io.save(payload, self.store.writer(target), self.groups, use_async)
             self._last_saved_step = state.step
             self._last_save_time = time.monotonic()
@@ -245,6 +250,7 @@ class Checkpointer:
         """After every rank's shards are written: digests, the marker (rank 0, last), the swap, retention."""
         if self.is_main:
             self.store.write_text(self.trainer.cfg.to_yaml(), target, CONFIG_FILE)
+            self._write_peft(target, meta)
         digests = dcp_io.own_file_digests(self.store, target, self.groups.rank)
         if self.groups.distributed:
             gathered: list[Any] = [None] * self.groups.world_size
@@ -260,6 +266,18 @@ class Checkpointer:
         if target != name:
             self._swap_in(name, target)
         self._retain()
+
+    def _write_peft(self, target: str, meta: dict[str, Any]) -> None:
+        """A LoRA run's PEFT files inside the checkpoint (save_lora_config_adapter, merge_sharded_lora)."""
+        cfg = self.trainer.cfg
+        peft = cfg.model_alignment_strategy.peft if cfg.model_alignment_strategy else None
+        if peft is None or meta.get("lora", {}).get("merged") or not (peft.save_lora_config_adapter or peft.merge_sharded_lora):
+            return
+        from nxdt.peft.checkpoint import write_peft_files
+
+        # Read back what every rank just wrote: the adapters of any layout, gathered in this process.
+        state = dcp_io.load_model_tensors(self.store, target)
+        write_peft_files(self.store, target, self.trainer.run, state, peft)
 
     def _swap_in(self, name: str, staged: str) -> None:
         """Replace complete checkpoint ``name`` by the complete ``staged`` one; each moment leaves a complete one."""
