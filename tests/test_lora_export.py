@@ -26,15 +26,16 @@ def nxdt(*args: str) -> subprocess.CompletedProcess:
     return res
 
 
-def write_hf_base(out: Path) -> None:
-    """llama3-tiny's shape as a transformers checkpoint directory (random weights, the embedded tokenizer)."""
+def write_hf_base(out: Path, preset: str, shape: list[str]) -> None:
+    """``preset`` at ``shape`` as a transformers checkpoint directory (random weights, its tokenizer)."""
     from safetensors.torch import save_file
 
     from nxdt.data.embedded import embedded_paths
+    from nxdt.recipes.data import tokenizer_source
     from nxdt.resolve import resolve
     from nxdt.testing import build_initialized
 
-    run = resolve("llama3-tiny", overrides=SHAPE)
+    run = resolve(preset, overrides=shape)
     model = build_initialized(run.spec, run.arch, seed=3)
     with torch.no_grad():
         for p in model.parameters():
@@ -43,29 +44,42 @@ def write_hf_base(out: Path) -> None:
     hf = run.spec.state_dict_adapter(run.arch).to_hf(model.state_dict())
     save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(run.spec.config_to_hf(run.arch)))
-    for f in Path(embedded_paths()["tokenizer"]).iterdir():
+    source = tokenizer_source(run.config)
+    for f in Path(embedded_paths()["tokenizer"] if source == "embedded" else source).iterdir():
         shutil.copy2(f, out / f.name)
 
 
+CASES = {
+    # nxdt's fused wqkv/w13 -> HF's separate q/k/v and gate/up adapters sharing lora_A
+    "llama_fused": ("llama3-tiny", SHAPE, ["model.fuse_qkv=true", "model.fuse_gate_up=true",
+                                           "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"],
+                    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    # nxdt's separate q/k/v -> GPT-2's one c_attn (block-diagonal B, rank 3r); only the attention's c_proj
+    "gpt2": ("gpt2-tiny", [], ["model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj]"],
+             {"c_attn", "transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"}),
+}
+
+
 @pytest.mark.slow
-def test_peft_export_and_merged_export_match_nxdt(tmp_path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_export_and_merged_export_match_nxdt(case, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
+    preset, shape, extra, targets = CASES[case]
     base = tmp_path / "base"
-    write_hf_base(base)
+    write_hf_base(base, preset, shape)
     run_dir = tmp_path / "run"
-    nxdt("run", "llama3-tiny", "--recipe", "sft", *SHAPE, f"model.hf_checkpoint={base}", "model.fuse_qkv=true",
-         "model.fuse_gate_up=true", "trainer.max_steps=6", "data.global_batch_size=8", "data.micro_batch_size=4",
+    nxdt("run", preset, "--recipe", "sft", *shape, f"model.hf_checkpoint={base}", *extra,
+         "trainer.max_steps=6", "data.global_batch_size=8", "data.micro_batch_size=4",
          "data.seq_length=64", "model.optim.lr=0.02", "trainer.limit_test_batches=0", "trainer.val_check_interval=0",
          "model_alignment_strategy.peft.lora_rank=4", "model_alignment_strategy.peft.lora_alpha=16",
-         "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
          f"exp_manager.explicit_log_dir={run_dir}")
     listing = json.loads(nxdt("checkpoints", str(run_dir), "--json").stdout)["checkpoints"]
     checkpoint = run_dir / "checkpoints" / listing[-1]["name"]
     nxdt("export", str(checkpoint), "--to", "peft", str(tmp_path / "peft"))
     nxdt("export", str(checkpoint), "--to", "hf", str(tmp_path / "merged"))
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == targets
 
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()

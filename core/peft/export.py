@@ -142,7 +142,7 @@ def peft_adapter(run: Any, state: Mapping[str, torch.Tensor], base_model: str = 
             biases = {k: v for k, v in biases.items() if k.removesuffix(".bias") in adapters}
         for key, value in adapter.to_hf(biases).items():
             tensors[f"base_model.model.{key}"] = value.contiguous()
-    targets = sorted({m.rpartition(".")[2] for m in blocks})
+    targets = _target_names(run, adapter, set(blocks))
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if run.spec.task == "causal_lm" else None,
@@ -164,6 +164,26 @@ def peft_adapter(run: Any, state: Mapping[str, torch.Tensor], base_model: str = 
         "layers_to_transform": None,
     }
     return config, tensors
+
+
+def _target_names(run: Any, adapter: Any, adapted: set[str]) -> list[str]:
+    """PEFT ``target_modules``: leaf names where they select exactly the adapted HF modules, else full paths.
+
+    (GPT-2's ``c_proj`` names both the attention output and the MLP output; adapting one of them
+    must not make PEFT wrap the other.)
+    """
+    from nxdt.model_info import build_on_meta
+    from nxdt.plugin_host import get_host
+
+    meta = build_on_meta(lambda cfg: get_host().build_model(run.spec, cfg), run.arch)
+    hf_keys = adapter.to_hf({k: v for k, v in meta.state_dict().items()})
+    all_modules = {k.rpartition(".")[0] for k in hf_keys if k.endswith(".weight")}
+    names: set[str] = set()
+    for leaf in {m.rpartition(".")[2] for m in adapted}:
+        with_leaf = {m for m in all_modules if m.rpartition(".")[2] == leaf}
+        chosen = {m for m in adapted if m.rpartition(".")[2] == leaf}
+        names |= {leaf} if with_leaf == chosen else chosen
+    return sorted(names)
 
 
 def _leaf_paths(blocks: Mapping[str, Any]) -> set[str]:
