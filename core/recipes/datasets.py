@@ -77,7 +77,7 @@ def _pretrain_split(run_config: Any, tokenizer: Any, split: str) -> Dataset | No
     if split != "train" and data.train_dir:
         return None
     if data.train_dir is None:
-        return held_out_split(_single_source(run_config, tokenizer, seq), split)
+        return held_out_split(_single_source(run_config, tokenizer, seq), split, data.global_batch_size)
     return None
 
 
@@ -157,10 +157,10 @@ class DocumentBoundaries(Dataset):
         return item
 
 
-def held_out_split(dataset: Dataset, split: str) -> Dataset:
-    """The last ``HELD_OUT_FRACTION`` of samples for validation, the rest for training."""
+def held_out_split(dataset: Dataset, split: str, min_held: int = 1) -> Dataset:
+    """The last ``HELD_OUT_FRACTION`` of samples (at least ``min_held``: one global batch) for validation."""
     n = len(dataset)  # type: ignore[arg-type]
-    held = max(1, int(n * HELD_OUT_FRACTION))
+    held = max(1, int(n * HELD_OUT_FRACTION), min(min_held, n // 2))
     indices = range(n - held, n) if split != "train" else range(n - held)
     return Subset(dataset, list(indices))
 
