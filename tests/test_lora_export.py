@@ -57,7 +57,21 @@ CASES = {
     # nxdt's separate q/k/v -> GPT-2's one c_attn (block-diagonal B, rank 3r); only the attention's c_proj
     "gpt2": ("gpt2-tiny", [], ["model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj]"],
              {"c_attn", "transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"}),
+    # the attention of a mixture-of-experts decoder (experts stay frozen)
+    "mixtral": ("mixtral-tiny", [], ["model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj]"],
+                {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    # an encoder trained by masked-LM pre-training (BertForPreTraining's heads)
+    "bert": ("bert-tiny", [], ["model_alignment_strategy.peft.target_modules=[qkv_proj]"], {"query", "key", "value"}),
 }
+#: the recipe each case trains with, and the transformers class its export loads as
+RECIPES = {"bert": ("pretrain", "AutoModelForPreTraining")}
+
+
+def _logits(out):
+    """Causal LMs' ``logits``; BERT pre-training's masked-LM ``prediction_logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.prediction_logits
 
 
 @pytest.mark.slow
@@ -69,7 +83,8 @@ def test_peft_export_and_merged_export_match_nxdt(case, tmp_path):
     base = tmp_path / "base"
     write_hf_base(base, preset, shape)
     run_dir = tmp_path / "run"
-    nxdt("run", preset, "--recipe", "sft", *shape, f"model.hf_checkpoint={base}", *extra,
+    recipe, auto = RECIPES.get(case, ("sft", "AutoModelForCausalLM"))
+    nxdt("run", preset, "--recipe", recipe, *shape, f"model.hf_checkpoint={base}", *extra,
          "trainer.max_steps=6", "data.global_batch_size=8", "data.micro_batch_size=4",
          "data.seq_length=64", "model.optim.lr=0.02", "trainer.limit_test_batches=0", "trainer.val_check_interval=0",
          "model_alignment_strategy.peft.lora_rank=4", "model_alignment_strategy.peft.lora_alpha=16",
@@ -82,11 +97,12 @@ def test_peft_export_and_merged_export_match_nxdt(case, tmp_path):
     assert set(config["target_modules"]) == targets
 
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32).eval()
+    auto_class = getattr(transformers, auto)
+    hf_base = auto_class.from_pretrained(base, torch_dtype=torch.float32).eval()
     with torch.no_grad():
-        plain = hf_base(input_ids=ids).logits
+        plain = _logits(hf_base(input_ids=ids))
     with_adapters = peft.PeftModel.from_pretrained(hf_base, tmp_path / "peft").eval()
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
+    merged = auto_class.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
 
     # nxdt's own LoRA model, rebuilt from the checkpoint (adapters not merged)
     from nxdt.checkpoint.hf_export import read_checkpoint
@@ -101,9 +117,9 @@ def test_peft_export_and_merged_export_match_nxdt(case, tmp_path):
     ours.load_state_dict({**base_state_of(run), **state}, strict=True)  # the base from the HF checkpoint if not saved
     ours.eval()
     with torch.no_grad():
-        nxdt_logits = ours(ids)
-        peft_logits = with_adapters(input_ids=ids).logits
-        merged_logits = merged(input_ids=ids).logits
+        nxdt_logits = _logits(ours(ids))
+        peft_logits = _logits(with_adapters(input_ids=ids))
+        merged_logits = _logits(merged(input_ids=ids))
     assert (nxdt_logits - plain).abs().max() > 1e-3  # the adapters trained: not the base model
     assert (peft_logits - nxdt_logits).abs().max() <= 1e-5
     assert (merged_logits - nxdt_logits).abs().max() <= 1e-5
