@@ -93,3 +93,46 @@ def test_lora_loss_parity(layout, distributed, references):
     assert ref[-1] < ref[0]
     # Only adapters train (under SP too: torch's SequenceParallel re-creates norm weights as trainable).
     assert got["trainable"] and all(n.endswith(("lora_A", "lora_B")) for n in got["trainable"])
+
+
+@pytest.mark.slow
+def test_upstream_lora_yaml_trains_adapters_only(tmp_path, data_overrides):
+    """hf_llama3_8B_SFT_lora_config.yaml, unchanged apart from sizes, paths and the layout of this machine:
+    LoRA from a pretrained nxdt checkpoint (weight_init_only, fresh adapters), TP=2, adapters only train."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    anchor = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "nxdt-configs" / "hf_llama3_8B_SFT_lora_config.yaml"
+    if not anchor.is_file():
+        pytest.skip("anchor configs not present")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NXDT_DEVICE": "cpu"}
+    shape = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_kv_heads=2",
+             "model.ffn_hidden_size=128"]
+    pre = subprocess.run([sys.executable, "-m", "nxdt.cli.main", "run", "llama3-tiny", "--recipe", "pretrain", *shape,
+                          "trainer.max_steps=1", f"exp_manager.explicit_log_dir={tmp_path / 'pre'}"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    checkpoint = next((tmp_path / "pre" / "checkpoints").iterdir())
+    from nxdt.resolve import resolve
+
+    run = resolve("llama3-tiny", overrides=shape)
+    (tmp_path / "config.json").write_text(json.dumps(run.spec.config_to_hf(run.arch)))
+    res = subprocess.run(
+        [sys.executable, "-m", "nxdt.cli.main", "run", str(anchor), *data_overrides, *shape,
+         f"model.model_config={tmp_path / 'config.json'}", f"exp_manager.resume_from_checkpoint={checkpoint}",
+         "model.encoder_seq_length=64", "model.max_position_embeddings=128", "data.seq_length=64",
+         "trainer.devices=2", "distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.kv_replicator=1",
+         "trainer.max_steps=4", "data.global_batch_size=8", "data.dev_choose_samples=200",
+         f"exp_manager.explicit_log_dir={tmp_path / 'lora'}"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if "LoRA r=16" in x)  # lora_verbose: true in the file
+    import re
+
+    trainable, total = (int(n.replace(",", "")) for n in re.search(r"([\d,]+) trainable of ([\d,]+)", line).groups())
+    # q/k/v adapters of 2 layers: r x (in + out) each
+    assert trainable == 2 * 16 * ((64 + 64) + (64 + 32) + (64 + 32)) and total > 10 * trainable
+    assert "resumed weights" in res.stdout
