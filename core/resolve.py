@@ -106,15 +106,15 @@ def default_recipe(target: str, host: PluginHost | None = None) -> str:
     """The recipe ``nxdt run TARGET`` uses without ``--recipe``.
 
     Presets: their family's default (``sft`` for causal LMs, ``pretrain`` for masked LMs). YAML
-    files: ``sft`` when they configure ``model_alignment_strategy.sft``, else the family's
-    pre-training.
+    files: ``sft``, ``dpo`` or ``orpo`` when they configure that ``model_alignment_strategy``
+    section, else the family's pre-training.
     """
     host = host or get_host()
     if not is_config_file(target):
         preset = host.preset(target)
         return host.model_spec(preset.family, preset.plugin).recipe_default
-    layer = load_yaml(target)
-    return "sft" if (layer.get("model_alignment_strategy") or {}).get("sft") is not None else "pretrain"
+    alignment = load_yaml(target).get("model_alignment_strategy") or {}
+    return next((name for name in ("sft", "dpo", "orpo") if alignment.get(name) is not None), "pretrain")
 
 
 def architecture_config(spec: ModelSpec, config: RunConfig) -> Any:

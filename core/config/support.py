@@ -103,9 +103,20 @@ def _sft_section(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | N
 
 
 def _sft_data(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> str | None:
-    if v is not None and recipe is not None and recipe.dataset != "sft":
-        return f"applies to SFT records; the {recipe.name} recipe reads other data"
+    if v is not None and recipe is not None and recipe.dataset not in ("sft", "preference"):
+        return f"applies to SFT records and preference pairs; the {recipe.name} recipe reads other data"
     return None
+
+
+def _preference_section(name: str) -> Check:
+    """``model_alignment_strategy.<name>`` configures the recipe of that name (its loss) only."""
+
+    def check(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> str | None:
+        if v is not None and recipe is not None and recipe.loss != name:
+            return f"applies to the {name} recipe; this run uses {recipe.name!r} (--recipe {name})"
+        return None
+
+    return check
 
 
 def _moe_section(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> str | None:
@@ -149,6 +160,7 @@ def _max_steps(v: Any, cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | Non
 
 
 _T, _E, _D, _M = "nxdt.train.trainer", "nxdt.train.checkpointing", "nxdt.recipes.data", "nxdt.resolve"
+_P = "nxdt.recipes.preference"
 _NEURON = Key("backend", "the Neuron/XLA runtime")
 
 KEYS: dict[str, Key] = {
@@ -287,8 +299,16 @@ KEYS: dict[str, Key] = {
     "model_alignment_strategy.sft": read("nxdt.recipes.datasets", _sft_section),
     "model_alignment_strategy.sft.packing": read("nxdt.recipes.datasets"),
     "model_alignment_strategy.sft.evaluate_before_training": read(_T),
-    "model_alignment_strategy.dpo": refused("DPO is not available yet"),
-    "model_alignment_strategy.orpo": refused("ORPO is not available yet"),
+    "model_alignment_strategy.dpo": read(_P, _preference_section("dpo")),
+    "model_alignment_strategy.dpo.kl_beta": read(_P),
+    "model_alignment_strategy.dpo.loss_type": read(_P, _only("sigmoid", "hinge", "ipo")),
+    "model_alignment_strategy.dpo.max_prompt_length": read(_P),
+    "model_alignment_strategy.dpo.precompute_ref_log_probs": read(_P),
+    "model_alignment_strategy.dpo.truncation_mode": read(_P),
+    "model_alignment_strategy.orpo": read(_P, _preference_section("orpo")),
+    "model_alignment_strategy.orpo.beta": read(_P),
+    "model_alignment_strategy.orpo.max_prompt_length": read(_P),
+    "model_alignment_strategy.orpo.truncation_mode": read(_P),
     "model_alignment_strategy.peft": refused("LoRA is not available yet (the run would be a full fine-tune)"),
     # precision
     "precision.type": read("nxdt.config.sections_precision"),

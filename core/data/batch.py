@@ -3,7 +3,9 @@
 An item is a dict of 1-D ``torch.long`` tensors of length ``seq_length``: ``input_ids``,
 ``labels`` already shifted (``labels[t]`` is the target for position ``t``; ``IGNORE_INDEX`` is
 not trained on) and ``position_ids``. The training loss is therefore plain cross-entropy over
-``labels`` with ``ignore_index=IGNORE_INDEX``; no model shifts its logits.
+``labels`` with ``ignore_index=IGNORE_INDEX``; no model shifts its logits. An item may also hold
+several rows (a DPO/ORPO preference pair: chosen, rejected): every tensor then has a leading row
+dimension (``input_ids`` is ``[rows, seq_length]``) and collation concatenates the items' rows.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack items into ``[batch, seq]`` tensors, key by key."""
+    """Stack items into ``[batch, seq]`` tensors, key by key; multi-row items (2-D ``input_ids``) are concatenated."""
     if not items:
         raise ValueError("collate needs at least one item")
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    join = torch.cat if items[0]["input_ids"].dim() == 2 else torch.stack
+    return {key: join([item[key] for item in items]) for key in items[0]}

@@ -167,6 +167,22 @@ class ParallelModel:
             units += objective.count(mb).float()
         return stats, units
 
+    @torch.no_grad()
+    def forward_rows(
+        self, micro_batches: list[dict[str, torch.Tensor]], fn: Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor],
+        autocast: Callable[[], Any],
+    ) -> list[torch.Tensor]:
+        """Forward-only per-row values: ``fn(outputs, micro_batch) -> [rows]`` of each micro-batch, on every rank.
+
+        ``fn`` runs where the loss would (under loss parallelism; on the last stage of a pipeline),
+        so it may read vocabulary-sharded logits; a frozen reference model's log-probs are the use.
+        """
+        out = []
+        for mb in micro_batches:
+            with autocast(), self.loss_parallel():
+                out.append(_plain(fn(self(**model_inputs(mb, self.inputs)), mb)).float())
+        return out
+
     def loss_parallel(self):
         """Context for the loss forward *and* backward: cross-entropy on vocabulary-sharded logits."""
         if self.tp > 1:

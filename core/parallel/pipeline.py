@@ -27,10 +27,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+from torch.distributed.tensor import DTensor
 
 from nxdt.errors import ConfigError, NxdtError
 from nxdt.parallel.grad_norm import align_grad_
 from nxdt.parallel.model import ParallelModel, StepStats, model_inputs
+from nxdt.specs import LossOutput
 
 #: pipeline cost of the input embedding and of the LM head, in decoder layers (torchtitan's default)
 EMBEDDING_COST = 1
@@ -353,6 +355,19 @@ class PipelineModel(ParallelModel):
         assert total is not None
         return total, units
 
+    @torch.no_grad()
+    def forward_rows(self, micro_batches: list[dict[str, torch.Tensor]], fn: Callable[[Any, Any], torch.Tensor],
+                     autocast: Callable[[], Any]) -> list[torch.Tensor]:
+        """Per-row values computed on the last stage, then broadcast to every pipeline rank."""
+        capture = _RowCapture(fn)
+        self.forward_loss(micro_batches, capture, autocast)
+        sizes = [mb["input_ids"].shape[0] for mb in micro_batches]
+        device = micro_batches[0]["input_ids"].device
+        # The last stage saw the micro-batches in order (its last calls); the other ranks receive them.
+        flat = torch.cat(capture.rows[-len(micro_batches):]) if self.has_last else torch.zeros(sum(sizes), device=device)
+        dist.broadcast(flat, src=dist.get_global_rank(self.pp_group, self.pp - 1), group=self.pp_group)
+        return list(flat.split(sizes))
+
     # -- norms and export ----------------------------------------------------------------------
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -364,6 +379,24 @@ class PipelineModel(ParallelModel):
         for part in parts:
             out.update(part)
         return out
+
+
+class _RowCapture:
+    """An objective for :meth:`PipelineModel.forward_rows`: records ``fn``'s per-row values, adds no loss."""
+
+    def __init__(self, fn: Callable[[Any, Any], torch.Tensor]):
+        self.fn, self.rows = fn, []  # type: ignore[var-annotated]
+
+    def count(self, batch: Any) -> torch.Tensor:
+        """Rows of the micro-batch (only the forward matters here)."""
+        return torch.tensor(batch["input_ids"].shape[0])
+
+    def __call__(self, outputs: Any, batch: Any) -> LossOutput:
+        """Record the rows' values; the loss is zero."""
+        values = self.fn(outputs, batch)
+        values = values.full_tensor() if isinstance(values, DTensor) else values
+        self.rows.append(values.detach().float())
+        return LossOutput(torch.zeros((), device=values.device))
 
 
 def plan_pipeline(model: nn.Module, ctx: Any) -> StagePlan:

@@ -1,4 +1,4 @@
-"""The engine's own plugin: the `pretrain` and `sft` recipes for causal LMs, their datasets and objective.
+"""The engine's own plugin: the `pretrain`, `sft`, `dpo` and `orpo` recipes for causal LMs, their datasets and objectives.
 
 Recipes select models by task, never by family: any family whose ModelSpec says
 ``task="causal_lm"`` trains with them, a pip-installed third-party family included.
@@ -10,6 +10,7 @@ from nxdt import hookimpl
 from nxdt.recipes.datasets import build_pretrain_dataset, build_sft_dataset
 from nxdt.recipes.evaluate import sft_exact_match
 from nxdt.recipes.losses import build_causal_lm_loss
+from nxdt.recipes.preference import build_dpo_loss, build_orpo_loss, build_preference_dataset
 from nxdt.specs import DatasetSpec, LossSpec, RecipeSpec
 
 #: the model task the engine recipes train; other tasks bring recipes of their own (plugin API 2)
@@ -37,6 +38,12 @@ def _defaults(lr: float, warmup_steps: int, **extra: dict) -> dict:
 
 PRETRAIN_DEFAULTS = _defaults(lr=3e-4, warmup_steps=100)
 SFT_DEFAULTS = _defaults(lr=2e-5, warmup_steps=10, model_alignment_strategy={"sft": {"packing": True}})
+# DPO: TRL's beta (0.1) and a small learning rate for fine-tuning a pretrained model. ORPO: beta 2, not
+# TRL's 0.1, which leaves the odds ratio a small term beside the NLL: a model that does not know the
+# task yet (the embedded one) then learns only as fast as SFT does (held-out reward accuracy ~0.6
+# after llama3-tiny's 250 steps, ~0.9 with beta 2). NxDT configs set beta themselves.
+DPO_DEFAULTS = _defaults(lr=1e-6, warmup_steps=10, model_alignment_strategy={"dpo": {"kl_beta": 0.1}})
+ORPO_DEFAULTS = _defaults(lr=8e-6, warmup_steps=10, model_alignment_strategy={"orpo": {"beta": 2.0}})
 
 
 @hookimpl
@@ -63,6 +70,26 @@ def nxdt_register_recipes(register):
             evaluate=sft_exact_match,
         )
     )
+    register(
+        RecipeSpec(
+            name="dpo",
+            description="direct preference optimisation on prompt/chosen/rejected pairs against a reference model",
+            defaults=DPO_DEFAULTS,
+            dataset="preference",
+            loss="dpo",
+            tasks=CAUSAL_LM,
+        )
+    )
+    register(
+        RecipeSpec(
+            name="orpo",
+            description="odds-ratio preference optimisation on prompt/chosen/rejected pairs (no reference model)",
+            defaults=ORPO_DEFAULTS,
+            dataset="preference",
+            loss="orpo",
+            tasks=CAUSAL_LM,
+        )
+    )
 
 
 @hookimpl
@@ -70,9 +97,12 @@ def nxdt_register_datasets(register):
     """Register the engine datasets."""
     register(DatasetSpec("pretrain", build_pretrain_dataset, description="packed pre-training text"))
     register(DatasetSpec("sft", build_sft_dataset, description="prompt/response pairs with the prompt masked"))
+    register(DatasetSpec("preference", build_preference_dataset, description="prompt/chosen/rejected preference pairs"))
 
 
 @hookimpl
 def nxdt_register_losses(register):
     """Register the engine losses."""
     register(LossSpec("causal_lm", build_causal_lm_loss, description="next-token cross entropy over labels != -100"))
+    register(LossSpec("dpo", build_dpo_loss, description="DPO loss per preference pair (sigmoid, hinge or ipo)"))
+    register(LossSpec("orpo", build_orpo_loss, description="ORPO loss per preference pair: chosen NLL and odds ratio"))

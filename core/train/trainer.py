@@ -148,9 +148,16 @@ class Trainer:
         pairs = self._all_reduce_dp(torch.stack([stats.metrics[n] for n in names]))
         return {n: (s / max(c, 1e-12)) for n, (s, c) in zip(names, pairs.tolist())}
 
+    def _annotate(self, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+        """Let the objective add per-row inputs to the micro-batches before the forward (a DPO reference's log-probs)."""
+        annotate = getattr(self.objective, "annotate", None)
+        if annotate is not None:
+            annotate(micro_batches)
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Forward/backward over the step's micro-batches, then clip and update."""
         model = self.model
+        self._annotate(micro_batches)
         # The objective's units of the whole global batch normalise every micro-batch's loss sum. They
         # stay a device tensor until the loss is read, so an accelerator is synchronised once per step.
         local_units = torch.stack([self.objective.count(mb) for mb in micro_batches]).sum().float()
@@ -184,6 +191,7 @@ class Trainer:
         if batches is None:
             return None
         self.model.eval()
+        self._annotate(batches)
         stats, units = self.model.forward_loss(batches, self.objective, self._autocast)
         self.model.train()
         pair = self._all_reduce_dp(torch.stack([stats.loss, units.float()]))
@@ -216,6 +224,10 @@ class Trainer:
             # How long a restarted job takes to get back to training (NxDT's recovery instrumentation).
             print(f"nxdt: recovery time: set-up {t1 - t0:.2f} s, checkpoint load {time.perf_counter() - t1:.2f} s "
                   f"(resumed at step {self.state.step})", flush=True)
+        setup_objective = getattr(self.objective, "setup", None)
+        if setup_objective is not None:
+            # After any resume: state.step == 0 means the model is the run's initial policy (a DPO reference).
+            setup_objective(self)
         baseline = self._evaluate(before=True) if self.state.step == 0 else {}
         max_steps = self.max_steps
         log_every = max(1, self.cfg.trainer.log_every_n_steps or 1)
@@ -228,7 +240,9 @@ class Trainer:
                 progress.print(f"sanity validation ({sanity} batches): val_loss={checked['val_loss']:.4f}")
         flops_per_token = self.run.spec.flops_per_token(self.run.arch, self.cfg.data.seq_length)
         peak = _peak_flops(self.world.device)
-        tokens_per_step = self.cfg.data.global_batch_size * self.cfg.data.seq_length
+        # A sample may hold several rows (a preference pair: chosen and rejected), of its own length.
+        first = self.data.train[0]["input_ids"]
+        tokens_per_step = self.cfg.data.global_batch_size * first.numel()
         batches = self.data.train_steps(self.state.consumed_samples)
         try:
             while self.state.step < max_steps:
