@@ -142,7 +142,19 @@ def _trainer(recipe: str, overrides: list[str], run_dir: Path):
                    World(0, 1, 0, torch.device("cpu"), None))
 
 
-def test_first_dpo_step_is_ln2_and_both_references_agree(tmp_path, small):
+@pytest.fixture
+def parallelized(monkeypatch) -> list[bool]:
+    """Records every model parallelize() materializes (its ``trainable`` flag): the policy and any second model."""
+    import nxdt.parallel.apply as apply
+
+    calls: list[bool] = []
+    real = apply.parallelize
+    monkeypatch.setattr(apply, "parallelize", lambda model, ctx, **kw: calls.append(kw.get("trainable", True))
+                        or real(model, ctx, **kw))
+    return calls
+
+
+def test_first_dpo_step_is_ln2_and_both_references_agree(tmp_path, small, parallelized):
     """Policy and reference start equal: the first loss is ln 2; precomputed and live references give equal runs."""
     losses = {}
     for precompute in ("true", "false"):
@@ -150,6 +162,8 @@ def test_first_dpo_step_is_ln2_and_both_references_agree(tmp_path, small):
         trainer = _trainer("dpo", [*small, flag], tmp_path / precompute)
         losses[precompute] = trainer.fit().losses
         assert trainer.objective.reference.mode == ("precomputed" if precompute == "true" else "frozen")
+    # Precomputed: only the policy is built; live: the policy and a frozen copy.
+    assert parallelized == [True, True, False]
     for run in losses.values():
         assert abs(run[0] - math.log(2)) <= 1e-6, run[0]
     print(f"first DPO loss {losses['true'][0]:.9f} (ln 2 = {math.log(2):.9f}); losses {losses}")
@@ -158,16 +172,13 @@ def test_first_dpo_step_is_ln2_and_both_references_agree(tmp_path, small):
 
 
 @pytest.mark.parametrize("precompute", ["true", "false"])
-def test_lora_reference_is_the_policy_without_adapters(tmp_path, small, precompute):
+def test_lora_reference_is_the_policy_without_adapters(tmp_path, small, precompute, parallelized):
     """Under LoRA the reference is the adapters-disabled policy: one model is ever built, and the first loss is ln 2."""
     lora = ["model_alignment_strategy.peft.lora_rank=4", "model_alignment_strategy.peft.lora_dropout=0",
             f"model_alignment_strategy.dpo.precompute_ref_log_probs={precompute}"]
     trainer = _trainer("dpo", [*small, *lora], tmp_path)
-    built = []
-    build = trainer.host.build_model
-    trainer.host.build_model = lambda *a, **k: built.append(1) or build(*a, **k)  # count models built
     result = trainer.fit()
-    assert len(built) == 1
+    assert parallelized == [True]  # the policy, and no second model
     assert trainer.objective.reference.model is None
     assert trainer.objective.reference.mode == ("precomputed" if precompute == "true" else "adapters")
     assert abs(result.losses[0] - math.log(2)) <= 1e-6
