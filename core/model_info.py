@@ -1,17 +1,14 @@
-"""What a model is before any weight exists: exact parameter counts, FLOPs and memory per rank."""
+"""What a model is before any weight exists: exact parameter counts and FLOPs (memory per rank: ``nxdt.plan``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from nxdt.specs import ModelSpec, ParallelDims
-
-_BYTES = {"fp32": 4, "bf16": 2}
+from nxdt.specs import ModelSpec
 
 
 def build_on_meta(build: Any, config: Any) -> nn.Module:
@@ -28,57 +25,6 @@ def count_parameters(model: nn.Module) -> int:
 def count_expert_parameters(model: nn.Module) -> int:
     """Parameters of mixture-of-experts weights (modules declaring ``nxdt_expert_params``), which EP splits."""
     return sum(getattr(m, name).numel() for m in model.modules() for name in getattr(m, "nxdt_expert_params", {}))
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per rank of the model state during training (activations excluded)."""
-
-    weights: int
-    gradients: int
-    master_weights: int
-    optimizer_state: int
-
-    @property
-    def total(self) -> int:
-        """All model-state bytes held by one rank."""
-        return self.weights + self.gradients + self.master_weights + self.optimizer_state
-
-    def as_dict(self) -> dict[str, float]:
-        """The estimate in GiB, rounded for display."""
-        gib = 1 << 30
-        return {k: round(v / gib, 2) for k, v in vars(self).items()} | {"total": round(self.total / gib, 2)}
-
-
-def estimate_memory(
-    parameters: int,
-    parallel: ParallelDims,
-    param_dtype: str = "bf16",
-    master_weights: bool = True,
-    optimizer_state_dtype: str = "fp32",
-    zero1: bool = True,
-    expert_parameters: int = 0,
-) -> MemoryEstimate:
-    """Model-state memory per rank: weights and grads split by TP x PP, optimizer state also by DP with ZeRO-1.
-
-    ``expert_parameters`` (of ``parameters``) are also split over EP, and ZeRO-1 shards them over
-    the ``dp / ep`` ranks that hold the same experts.
-    """
-    model_parallel = parallel.tp * parallel.pp
-    dense = (parameters - expert_parameters) / model_parallel
-    experts = expert_parameters / (model_parallel * parallel.ep)
-    local = dense + experts
-    sharded = dense / parallel.dp + experts / (parallel.dp // parallel.ep) if zero1 else local
-    weight_bytes = _BYTES[param_dtype]
-    master = sharded * 4 if master_weights and param_dtype != "fp32" else 0
-    # AdamW keeps two moments per parameter.
-    optim = sharded * 2 * _BYTES[optimizer_state_dtype]
-    return MemoryEstimate(
-        weights=int(local * weight_bytes),
-        gradients=int(local * (4 if master_weights else weight_bytes)),
-        master_weights=int(master),
-        optimizer_state=int(optim),
-    )
 
 
 def describe(spec: ModelSpec, config: Any, seq_length: int, build: Any = None) -> dict[str, Any]:

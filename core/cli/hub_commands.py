@@ -10,7 +10,7 @@ from rich.table import Table
 
 from nxdt.cli.main import print_json
 from nxdt.errors import ConfigError
-from nxdt.model_info import architecture_dict, describe, estimate_memory, format_count
+from nxdt.model_info import architecture_dict, describe, format_count
 from nxdt.plugin_host import get_host
 
 
@@ -113,16 +113,12 @@ def inspect_preset(name: str, overrides: list[str]) -> dict[str, Any]:
         plan = host.shard_plan(spec, resolved.arch, parallel)
     except ValueError as exc:  # a layout the family cannot split (heads or experts over TP / EP)
         raise ConfigError(str(exc)) from None
-    precision = cfg.precision.resolved(cfg.model.optim.name)
-    memory = estimate_memory(
-        info["parameters"],
-        parallel,
-        param_dtype=precision.param_dtype,
-        master_weights=precision.master_weights,
-        optimizer_state_dtype=precision.optimizer_state_dtype,
-        zero1=bool(cfg.distributed_strategy.zero1),
-    )
     preset = resolved.preset
+    from nxdt.plan import plan_memory
+
+    # The memory planner on the preset's reference machine (an 80 GB GPU unless it names a CPU).
+    device = "cpu" if preset and "cpu" in preset.reference_machine.lower() else "h100"
+    memory = plan_memory(resolved, world_size=parallel.world_size, target=device, host=host)
     return {
         "name": name,
         "family": resolved.family,
@@ -143,7 +139,8 @@ def inspect_preset(name: str, overrides: list[str]) -> dict[str, Any]:
         },
         "reference_machine": preset.reference_machine if preset else None,
         "precision": cfg.precision.type,
-        "memory_per_rank_gib": memory.as_dict(),
+        "memory_per_rank_gib": memory.worst.as_dict() | {"predicted_peak_gib": round(memory.peak_bytes / 2**30, 3)},
+        "memory_plan": memory.as_dict(),
         "recipes": host.recipes_for(spec),
         "is_moe": spec.is_moe,
     }
@@ -180,11 +177,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"PP={ds['pipeline_model_parallel_size']} EP={ds['expert_model_parallel_size']} DP={ds['data_parallel_size']} "
         f"SP={ds['sequence_parallel']} ZeRO-1={ds['zero1']} precision={info['precision']}"
     )
-    mem = info["memory_per_rank_gib"]
-    console.print(
-        "model-state memory per rank (GiB, activations excluded): "
-        + ", ".join(f"{k}={v}" for k, v in mem.items())
-    )
+    from nxdt.plan.report import plan_lines
+
+    for line in plan_lines(info["memory_plan"]):
+        console.print(line, highlight=False, markup=False)
     console.print(f"recipes: {', '.join(info['recipes']) or '(none)'}")
     return 0
 

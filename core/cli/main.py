@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nxdt.cli import data_commands, run_command
 
     run_command.add_parser(sub, _add_common)
+    from nxdt.cli import plan_command
+
+    plan_command.add_parser(sub, _add_common)
     data_commands.add_parsers(sub, _add_common)
     from nxdt.cli import checkpoint_commands
 
@@ -110,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         return hub_commands.cmd_config_validate(args)
     if args.command == "data":
         return data_commands.dispatch(args)
+    if args.command == "plan":
+        from nxdt.cli import plan_command
+
+        return plan_command.cmd_plan(args)
     from nxdt.cli import checkpoint_commands
 
     handled = checkpoint_commands.dispatch(args)

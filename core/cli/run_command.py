@@ -276,11 +276,17 @@ def print_dry_run(resolved, parallel, world_size: int, nproc: int, nnodes: str, 
         "max_steps": cfg.trainer.max_steps,
         "unused_keys": cfg.unused_keys(backend="torch"),
     }
+    from nxdt.plan import lines, machine_plan
+
+    plan = machine_plan(resolved, world_size, nproc)  # the memory plan the fit check judged, on this machine
     if as_json:
-        print(json.dumps({**summary, "config": cfg.to_dict()}, indent=2, default=str))
+        print(json.dumps({**summary, "memory_plan": plan.as_dict(), "config": cfg.to_dict()}, indent=2, default=str))
         return 0
     print(cfg.to_yaml(), end="")
     print("# --- run ---")
     for key, value in summary.items():
         print(f"# {key}: {value}")
+    print("# --- memory ---")
+    for line in lines(plan):
+        print(f"# {line}")
     return 0

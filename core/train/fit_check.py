@@ -1,15 +1,19 @@
-"""Refuses, before any weight is allocated, a run whose model state cannot fit on one rank."""
+"""Refuses, before any weight is allocated, a run whose most loaded rank would not fit its device's memory.
+
+The figure is the memory planner's (nxdt.plan): every phase of every pipeline rank, from the
+build to the optimizer step, placed from the model already built on the meta device.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from nxdt.errors import NxdtError
-from nxdt.model_info import count_parameters, estimate_memory
 
 GIB = 1 << 30
 
@@ -31,25 +35,33 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_model_fits(trainer: Any, meta_model: nn.Module) -> None:
-    """Raise a one-line error when ``meta_model``'s weights + gradients + optimizer state exceed the rank's memory."""
-    parallel = trainer.parallel
-    parameters = count_parameters(meta_model)
-    precision = trainer.precision
-    estimate = estimate_memory(
-        parameters,
-        parallel,
-        param_dtype=precision.param_dtype,
-        master_weights=precision.master_weights,
-        optimizer_state_dtype=precision.optimizer_state_dtype,
-        zero1=bool(trainer.cfg.distributed_strategy.zero1),
+def plan_for(ctx: Any, meta_model: nn.Module) -> Any:
+    """The memory plan of ``ctx``'s run on its own device kind, placed from ``meta_model``."""
+    from nxdt.plan import plan_memory, snapshot_of
+    from nxdt.plan.devices import DEVICES
+    from nxdt.plan.planner import layout_of
+
+    cpu = ctx.world.device.type == "cpu"
+    # Only the slack and runtime terms depend on the kind; the capacity checked is the free memory.
+    target = DEVICES["cpu"] if cpu else replace(DEVICES["h100"], name=ctx.world.device.type)
+    layout = layout_of(ctx.run, ctx.world.world_size)
+    return plan_memory(ctx.run, layout=layout, target=target, snapshot=snapshot_of(ctx.run, ctx.host, meta_model),
+                       host=ctx.host)
+
+
+def check_model_fits(ctx: Any, meta_model: nn.Module) -> Any:
+    """Raise a one-line error when the plan's most loaded rank exceeds this rank's free memory; returns the plan."""
+    plan = plan_for(ctx, meta_model)
+    free = available_bytes(ctx.world.device)
+    if free is None or plan.peak_bytes <= free:
+        return plan
+    worst, lay = plan.worst, plan.layout
+    phase = worst.peak_phase.replace("_", " ")
+    raise NxdtError(
+        f"the model will not fit: {plan.parameters:,} parameters need about {plan.peak_bytes / GIB:.1f} GiB on the most "
+        f"loaded rank (pipeline rank {worst.pp_rank}, peak in {phase}: weights {worst.weights / GIB:.1f}, gradients "
+        f"{worst.gradients / GIB:.1f}, optimizer state {(worst.optimizer_state + worst.master_weights) / GIB:.1f}, "
+        f"activations {worst.activations / GIB:.1f} GiB; {lay.label}, precision={ctx.cfg.precision.type}), but "
+        f"{ctx.world.device.type} has {free / GIB:.1f} GiB free; `nxdt plan {ctx.run.source} --search` lists layouts "
+        "that fit (raise tensor/pipeline parallelism, enable zero1 or activation checkpointing, use a bf16 precision mode)"
     )
-    free = available_bytes(trainer.world.device)
-    if free is not None and estimate.total > free:
-        raise NxdtError(
-            f"the model will not fit: {parameters:,} parameters need about {estimate.total / GIB:.1f} GiB per rank "
-            f"for weights, gradients and optimizer state (TP={parallel.tp} PP={parallel.pp} DP={parallel.dp}, "
-            f"zero1={bool(trainer.cfg.distributed_strategy.zero1)}, precision={trainer.cfg.precision.type}), "
-            f"but {trainer.world.device.type} has {free / GIB:.1f} GiB free; raise tensor/pipeline parallelism, "
-            f"enable zero1, or use a bf16 precision mode"
-        )

@@ -27,6 +27,7 @@ from nxdt.resolve import ResolvedRun
 from nxdt.run_context import RunContext
 from nxdt.train.exp_manager import MetricsLogger, run_directory
 from nxdt.train.fit_check import check_model_fits
+from nxdt.train.memory import MemoryMonitor
 from nxdt.train.optim import build_optimizer
 from nxdt.train.progress import ProgressReporter
 from nxdt.train.schedules import build_scheduler
@@ -57,6 +58,7 @@ class Trainer:
     """Builds the model, data and optimizer of a resolved run, and trains it."""
 
     def __init__(self, resolved: ResolvedRun, world: World, host: PluginHost | None = None):
+        self.memory = MemoryMonitor(world.device)  # the baseline: after imports and the process group
         self.ctx = RunContext.create(resolved, world, host)
         self.state = TrainState()
         self.run_dir = run_directory(self.cfg, world.is_distributed)
@@ -84,6 +86,7 @@ class Trainer:
             model = self.host.build_model(self.run.spec, self.run.arch)
         check_model_fits(ctx, model)  # before any weight is allocated
         self.model = parallelize(model, ctx)
+        self.memory.mark("build")
         loss_name = self.run.recipe.loss if self.run.recipe else "causal_lm"
         self.objective = as_objective(self.host.loss(loss_name).build(cfg, self.run.spec))
         self.data = build_data(ctx)
@@ -98,6 +101,7 @@ class Trainer:
         from nxdt.train.checkpointing import build_checkpointer
 
         self.checkpointer = build_checkpointer(self)
+        self.memory.setup_done(self.model, self.optimizer)
         # Dropout draws from the global generator: equal on the TP ranks of one replica (their
         # replicated activations must agree), different across data-parallel replicas.
         torch.manual_seed(cfg.seed + 7919 * ctx.dp_rank + 1)
@@ -248,7 +252,8 @@ class Trainer:
             while self.state.step < max_steps:
                 t0 = time.perf_counter()
                 micro_batches = next(batches)
-                metrics = self.train_step(micro_batches)
+                with self.memory.step():
+                    metrics = self.train_step(micro_batches)
                 self.state.consumed_samples += self.cfg.data.global_batch_size
                 if "nonfinite" in metrics:
                     self._handle_nonfinite(metrics["loss"], progress)
@@ -271,6 +276,7 @@ class Trainer:
                 result.losses.append(metrics["loss"])
                 log_now = step % log_every == 0 or step == max_steps
                 if log_now or "val_loss" in metrics:
+                    metrics.update(self.memory.step_metrics(self.world.is_distributed))
                     self.logger.log(step, metrics)
                 progress.update(step, metrics, log_line=log_now)
                 self.checkpointer.maybe_save(final=step == max_steps)
@@ -278,6 +284,7 @@ class Trainer:
             progress.close()
             self.checkpointer.close()
         result.metrics = self._final_metrics(baseline, progress)
+        result.metrics["memory_per_rank"] = self.memory.report(self.world.is_distributed)
         self.logger.close()
         return result
 
