@@ -82,7 +82,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{len(fitting)} fit. Step time: FLOPs at {MFU:.0%} of {dev.peak_tflops:g} TFLOPS per rank, pipeline bubble, "
           "communication volume over link bandwidth, no overlap (docs/memory.md)")
     if not fitting:
-        print("no layout fits; the smallest peaks:")
+        blocked = sum(c.plan.training_peak_bytes <= c.plan.capacity_bytes for c in found)
+        print("no layout fits; the smallest peaks:" if not blocked else
+              f"no layout fits; {blocked} would in training: today's whole-model build is what does not "
+              "(--sharded-build plans the sharded one). The smallest peaks:")
     print(f"{'#':>3} {'layout':<44} {'peak GiB':>9} {'step s':>9} {'comm s':>8} {'bubble':>7}")
     for i, c in enumerate(shown, 1):
         print(f"{i:>3} {c.plan.layout.label:<44} {c.plan.peak_bytes / 2**30:>9.2f} {c.step_s:>9.2f} {c.comm_s:>8.2f} "

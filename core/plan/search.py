@@ -139,5 +139,6 @@ def search(run: Any, world_size: int, dev: Device, *, snapshot: Any, base: Layou
         except ConfigError:
             continue  # a split the shard plan refuses (heads, KV heads or experts not divisible)
         out.append(step_time(run, plan, dev))
-    out.sort(key=lambda c: (not c.plan.fits, c.step_s if c.plan.fits else c.plan.peak_bytes))
+    # fitting layouts by step time; the others by how far they are, training phases before the build
+    out.sort(key=lambda c: (not c.plan.fits, (c.step_s, 0) if c.plan.fits else (c.plan.peak_bytes, c.plan.training_peak_bytes)))
     return out
