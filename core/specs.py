@@ -137,6 +137,11 @@ class ModelSpec:
     num_parameters: Callable[[Any], int] | None = None
     #: the recipe ``nxdt run PRESET`` uses without ``--recipe``; None: ``sft`` for causal LMs, else ``pretrain``
     default_recipe: str | None = None
+    #: ``init_parameter(module, name, shape, config, generator) -> Tensor``: the single-device initial
+    #: value of ``module``'s parameter ``name`` (one expert's for stacked experts). With it every rank
+    #: allocates and initialises only its own shards, identically whatever the layout; None:
+    #: ``init_weights`` on the whole model before sharding
+    init_parameter: Callable[[nn.Module, str, tuple[int, ...], Any, torch.Generator], torch.Tensor] | None = None
 
     @property
     def recipe_default(self) -> str:

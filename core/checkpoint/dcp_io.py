@@ -27,6 +27,7 @@ from nxdt.checkpoint.layout import MARKER, OWNER_FILE, unlisted_files, verify_fi
 from nxdt.checkpoint.portable import PortableState
 from nxdt.checkpoint.safe_read import metadata_files
 from nxdt.checkpoint.store import Store
+from nxdt.checkpoint.subject import Checkpointable
 from nxdt.errors import NxdtError
 from nxdt.parallel.world import dp_leader_ranks
 
@@ -88,7 +89,7 @@ def build_groups(mesh: Any, timeout: Any = None) -> Groups:
 
 
 # -- save -------------------------------------------------------------------------------------
-def capture(trainer: Any, rank: int, final: bool = False) -> tuple[dict[str, Any], bool]:
+def capture(trainer: Checkpointable, rank: int, final: bool = False) -> tuple[dict[str, Any], bool]:
     """The state dict of a checkpoint of ``trainer`` on this rank, and whether it holds optimizer state.
 
     ``final``: the run's last save (a LoRA run with ``merge_lora`` saves merged weights then).
@@ -296,7 +297,7 @@ def _empty_like_saved(meta: Any) -> torch.Tensor:
     return torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
 
 
-def load(trainer: Any, store: Store, name: str, marker: dict[str, Any], groups: Groups,
+def load(trainer: Checkpointable, store: Store, name: str, marker: dict[str, Any], groups: Groups,
          weights_only: bool = False, one_dp_rank: bool = False, whole_model: bool = True,
          own_checkpoint: bool = False) -> LoadReport:
     """Verify checkpoint ``name`` and load it into ``trainer`` (model, optimizer, schedule, RNG, state).
@@ -370,7 +371,7 @@ def _restore_learning_rates(optimizer: Any, saved_groups: list[dict[str, Any]]) 
         group["lr"] = lr
 
 
-def _restore_scalars(trainer: Any, small: dict[str, torch.Tensor], rank: int) -> None:
+def _restore_scalars(trainer: Checkpointable, small: dict[str, torch.Tensor], rank: int) -> None:
     step, consumed, skipped = (int(v) for v in small[TRAIN_STATE].tolist())
     trainer.state.step, trainer.state.consumed_samples, trainer.state.skipped_nan_steps = step, consumed, skipped
     trainer.scheduler.load_state_dict(_same_shape_state(trainer.scheduler.state_dict(), tensor_json(small[SCHEDULER])))

@@ -17,7 +17,7 @@ from nxdt.modeling.counting import active_parameters, flops_per_token, num_param
 from nxdt.modeling.hf_adapter import LLAMA_STYLE_KEYS, HFKeyTable, TableAdapter
 from nxdt.modeling.nxdt_keys import MOE_KEYS, config_from_keys
 from nxdt.modeling.sharding import transformer_plan
-from nxdt.modeling.transformer import build_transformer, init_transformer, pipeline_blocks
+from nxdt.modeling.transformer import build_transformer, init_parameter, init_transformer, pipeline_blocks
 from nxdt.specs import ModelSpec, ParallelDims
 
 #: HF config.json key -> TransformerConfig field, shared by Llama-style decoders.
@@ -152,6 +152,7 @@ def transformer_family(
         config_class=config_class,
         build_model=build_model,
         init_weights=init_transformer,
+        init_parameter=init_parameter,
         config_from_nxdt=config_from_nxdt,
         config_from_hf=lambda hf: read_hf_config(hf_config, hf, config_class),
         config_to_hf=lambda cfg: write_hf_config(hf_config, cfg),

@@ -202,6 +202,28 @@ def init_transformer(model: nn.Module, cfg: TransformerConfig) -> None:
             module.init_weights(cfg.init_std, cfg.out_init_std)
 
 
+def init_parameter(module: nn.Module, name: str, shape: tuple[int, ...], cfg: TransformerConfig,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The single-device initial value of one parameter, by the same rules as :func:`init_transformer`.
+
+    Drawn from ``generator`` (seeded per parameter by the engine), so a sharded build gives the
+    same global weights under any layout.
+    """
+    if isinstance(module, (RMSNorm, nn.LayerNorm)):
+        return torch.ones(shape) if name == "weight" else torch.zeros(shape)
+    if name == "bias":
+        return torch.zeros(shape)
+    if isinstance(module, nn.Linear):
+        std = cfg.out_init_std if getattr(module, "nxdt_residual_output", False) else cfg.init_std
+    elif isinstance(module, nn.Embedding):
+        std = cfg.init_std
+    elif isinstance(module, GroupedExperts):
+        std = cfg.out_init_std if name == "w2" else cfg.init_std
+    else:
+        raise ValueError(f"no init rule for {type(module).__name__}.{name}")
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
 def pipeline_blocks(cfg: TransformerConfig) -> list[str]:
     """FQNs of the blocks in order: the points a pipeline split may cut between."""
     return [f"layers.{i}" for i in range(cfg.num_layers)]

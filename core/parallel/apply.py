@@ -41,12 +41,21 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
             f"distributed_strategy.context_parallel_size={parallel.cp}: context parallelism is not available yet; set it to 1"
         )
     precision = ctx.precision
-    materialize(model, ctx)
+    # Sharded build: everything below runs on the meta device and each rank allocates only its own
+    # shards at the end (nxdt.parallel.materialize); families without a per-parameter init rule are
+    # materialized whole first.
+    sharded_build = run.spec.init_parameter is not None and next(model.parameters()).is_meta
+    if not sharded_build:
+        materialize(model, ctx)
     param_dtype = torch_dtype(precision.param_dtype)
     if param_dtype != torch.float32:
         # Parameters only: buffers such as RoPE tables keep their precision.
         for param in model.parameters():
             param.data = param.data.to(param_dtype)
+    roles: dict[str, str] = {}
+    alignment = cfg.model_alignment_strategy
+    if alignment is not None and alignment.peft is not None:
+        roles = _add_lora(model, ctx)
     if not trainable:
         model.requires_grad_(False)
     pipeline = None
@@ -60,6 +69,7 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
     if parallel.tp > 1:
         kv_names, kv_heads, kv_replicas = _shard(model, ctx, partial=pipeline is not None)
     sync = _split_experts(model, ctx, partial=pipeline is not None)
+    roles = {**roles, **dict.fromkeys(sync, "expert")}
     from nxdt.parallel.activation_checkpoint import apply_activation_checkpointing
 
     if trainable:
@@ -71,6 +81,8 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
             run.spec.recompute_modules,
             blocks,
         )
+    if sharded_build:
+        _allocate(model, world.device)
     records = build_param_table(
         model,
         parallel.tp,
@@ -80,9 +92,11 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
         aliases=pipeline.aliases if pipeline is not None else None,
         # both names of each tied pair: a stage holds one of them and finds its twin by the other
         tied=pipeline.tied if pipeline is not None else (),
-        roles=dict.fromkeys(sync, "expert"),
+        roles=roles,
         sync=sync,
     )
+    if sharded_build:
+        _fill_sharded(model, records, kv_heads, kv_replicas, pipeline, ctx)
     zero1 = bool(cfg.distributed_strategy.zero1) and trainable
     flat_optimizer = trainable and (zero1 or precision.param_dtype != "fp32")
     ddp = None
@@ -121,6 +135,22 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
             **common,
         )
     return ParallelModel(model, ddp=ddp, **common)
+
+
+def _add_lora(model: nn.Module, ctx: RunContext) -> dict[str, str]:
+    """Wrap the family's LoRA targets (before any split, identically on every rank); returns the adapter roles."""
+    from nxdt.peft.lora import LoRASettings, adapter_roles, count_parameters, inject_lora, target_globs
+
+    peft = ctx.cfg.model_alignment_strategy.peft  # type: ignore[union-attr]
+    default = ("qkv_proj",) if "qkv_proj" in ctx.spec.peft_targets else tuple(sorted(ctx.spec.peft_targets))[:1]
+    settings = LoRASettings.from_section(peft, default)
+    adapted = inject_lora(model, target_globs(ctx.spec, settings.targets), settings, ctx.cfg.seed)
+    if peft.lora_verbose and ctx.world.is_main:
+        trainable, total = count_parameters(model)
+        print(f"nxdt: LoRA r={settings.rank} alpha={settings.alpha:g} on {len(adapted)} layers "
+              f"({', '.join(settings.targets)}): {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.3f}%)", flush=True)
+    return adapter_roles(model)
 
 
 def _split_experts(model: nn.Module, ctx: RunContext, partial: bool) -> dict[str, str]:
@@ -162,6 +192,68 @@ def _shard(model: nn.Module, ctx: RunContext, partial: bool = False) -> tuple[li
         names = replicate_kv_(model, tuple(plan.kv_projections), kv_heads, replicas)
     apply_tensor_parallel(model, plan, ctx.mesh["tp"], parallel.sequence_parallel, partial=partial)
     return names, kv_heads or 0, replicas if names else 1
+
+
+def _allocate(model: nn.Module, device: torch.device) -> None:
+    """``to_empty`` the sharded meta model on ``device``, keeping parameters that modules share tied."""
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    model.to_empty(device=device)
+    for names in shared.values():
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            module_name, _, pname = other.rpartition(".")
+            setattr(model.get_submodule(module_name) if module_name else model, pname, first)
+
+
+def _fill_sharded(model: nn.Module, records: Any, kv_heads: int, kv_replicas: int, pipeline: Any, ctx: RunContext) -> None:
+    """Initialise each rank's shards from per-parameter generators, then load HF weights layer by layer."""
+    from types import SimpleNamespace
+
+    from nxdt.parallel.materialize import init_sharded, load_hf_sharded
+
+    kv = [r.param for r in records.kv_replicated()]
+    # What nxdt.checkpoint.portable reads of a ParallelModel, before the ParallelModel exists.
+    view = SimpleNamespace(trainable_module=model, records=records, kv_params=kv, kv_heads=kv_heads or 1,
+                           kv_replicas=kv_replicas, checkpoint_aliases={r.local_name: r.name for r in records
+                                                                         if r.name != r.local_name})
+    run = ctx.run
+    init_sharded(view, run.spec, run.arch, ctx.cfg.seed)
+    if run.config.model.hf_checkpoint:
+        load_hf_sharded(view, run.spec, run.arch, run.config.model.hf_checkpoint)
+
+
+def single_device_state(run: Any) -> dict[str, torch.Tensor]:
+    """The weights a run starts from, built in this process (what every layout's shards together hold)."""
+    from types import SimpleNamespace
+
+    from nxdt.parallel.param_record import build_param_table
+    from nxdt.plugin_host import get_host
+
+    with torch.device("meta"):
+        model = get_host().build_model(run.spec, run.arch)
+    if run.spec.init_parameter is None:
+        model.to_empty(device="cpu")
+        with torch.random.fork_rng():
+            torch.manual_seed(run.config.seed)
+            with torch.no_grad():
+                run.spec.init_weights(model, run.arch)
+        if run.config.model.hf_checkpoint:
+            from nxdt.pretrained import load_hf_weights
+
+            load_hf_weights(model, run.spec, run.arch, run.config.model.hf_checkpoint)
+    else:
+        _allocate(model, torch.device("cpu"))
+        records = build_param_table(model, 1)
+        view = SimpleNamespace(trainable_module=model, records=records, kv_params=[], kv_heads=1, kv_replicas=1,
+                               checkpoint_aliases={})
+        from nxdt.parallel.materialize import init_sharded, load_hf_sharded
+
+        init_sharded(view, run.spec, run.arch, run.config.seed)
+        if run.config.model.hf_checkpoint:
+            load_hf_sharded(view, run.spec, run.arch, run.config.model.hf_checkpoint)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def materialize(model: nn.Module, ctx: RunContext) -> None:

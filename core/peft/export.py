@@ -64,19 +64,9 @@ def merge_adapters(base: Mapping[str, torch.Tensor], adapters: Mapping[str, Mapp
 @torch.no_grad()
 def base_state_of(run: Any) -> dict[str, torch.Tensor]:
     """The weights a LoRA run started from: its ``model.hf_checkpoint``, else the seeded initialisation."""
-    from nxdt.plugin_host import get_host
+    from nxdt.parallel.apply import single_device_state
 
-    with torch.device("meta"):
-        model = get_host().build_model(run.spec, run.arch)
-    model.to_empty(device="cpu")
-    with torch.random.fork_rng():
-        torch.manual_seed(run.config.seed)
-        run.spec.init_weights(model, run.arch)
-    if run.config.model.hf_checkpoint:
-        from nxdt.pretrained import load_hf_weights
-
-        load_hf_weights(model, run.spec, run.arch, run.config.model.hf_checkpoint)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return single_device_state(run)
 
 
 def _hf_blocks(adapter: Any, adapters: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:

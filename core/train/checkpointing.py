@@ -39,6 +39,7 @@ from nxdt.checkpoint.layout import (
 )
 from nxdt.checkpoint.names import name_pattern, old_name, staging_name
 from nxdt.checkpoint.store import Store, split_checkpoint_url
+from nxdt.checkpoint.subject import Checkpointable
 from nxdt.errors import NxdtError
 from nxdt.train.exp_manager import release_run_lock, run_id
 
@@ -62,7 +63,7 @@ def saves_last(params: Any) -> bool:
 class Checkpointer:
     """Saves, retains and resumes the trainer's checkpoints (every rank holds one)."""
 
-    def __init__(self, trainer: Any):
+    def __init__(self, trainer: Checkpointable):
         # The trainer's attributes are read here and in dcp_io.capture/load only.
         self.trainer = trainer
         cfg = trainer.cfg
@@ -361,6 +362,6 @@ def _timeout(cfg: Any) -> Any:
     return timedelta(seconds=seconds) if seconds else None
 
 
-def build_checkpointer(trainer: Any) -> Checkpointer:
+def build_checkpointer(trainer: Checkpointable) -> Checkpointer:
     """The checkpointer for ``trainer``'s exp_manager settings."""
     return Checkpointer(trainer)
