@@ -108,10 +108,95 @@ def export_hf(checkpoint: str, out_dir: str | Path, max_shard_bytes: int = 2 << 
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     dtype = next(iter(hf_state.values())).dtype
     hf_config = {**run.spec.config_to_hf(run.arch), "torch_dtype": str(dtype).removeprefix("torch.")}
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    tokenizer_files = _copy_tokenizer(run.config, out)
+    tokenizer = _run_tokenizer(run.config)
+    special = special_token_ids(tokenizer) if tokenizer is not None else {}
+    (out / "config.json").write_text(json.dumps({**hf_config, **special}, indent=2))
+    if special:
+        # transformers' generate reads its stopping and padding ids from here.
+        (out / "generation_config.json").write_text(json.dumps({**special, "do_sample": False}, indent=2))
+    tokenizer_files = write_tokenizer(run.config, tokenizer, out, getattr(run.arch, "max_position_embeddings", None))
     return {"checkpoint": checkpoint, "out_dir": str(out), "step": marker["step"], "family": run.family,
             "tensors": len(hf_state), "shards": len(shards), "tokenizer_files": tokenizer_files}
+
+
+def _run_tokenizer(cfg: Any) -> Any:
+    """The run's tokenizer, or None when it cannot be loaded here (a hub id not in the local cache)."""
+    from nxdt.cli.generate_command import run_tokenizer
+
+    try:
+        return run_tokenizer(cfg)
+    except NxdtError:
+        return None
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """``bos_token_id``/``eos_token_id``/``pad_token_id`` as nxdt uses them (no BOS key when it has none)."""
+    ids = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    return {"bos_token_id": tokenizer.bos_id, **ids} if tokenizer.bos_id is not None else ids
+
+
+def write_tokenizer(cfg: Any, tokenizer: Any, out: Path, max_length: int | None = None) -> list[str]:
+    """Tokenizer files that transformers loads into nxdt's tokenizer: same vocabulary, BOS added as nxdt adds it.
+
+    A fast (``tokenizers``) tokenizer is written from the loaded tokenizer itself, with nxdt's
+    special tokens, a post-processor that prepends BOS (SFT prompts start with it) and a
+    tokenizer_config.json naming every special token, so that no family's tokenizer class adds
+    one of its own defaults (Qwen2's ``<|endoftext|>``). Other tokenizers are copied as they are.
+    """
+    rust = _rust_backend(tokenizer) if tokenizer is not None else None
+    if rust is None:
+        return _copy_tokenizer(cfg, out)
+    data = json.loads(rust.to_str())
+    bos = tokenizer.bos_id
+    if bos is not None:
+        data["post_processor"] = _bos_processor(rust.id_to_token(bos), bos, data.get("post_processor"))
+    else:
+        data["post_processor"] = None
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    names = {"bos_token": bos, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
+    special = {key: rust.id_to_token(i) for key, i in names.items() if i is not None}
+    unk = (data.get("model") or {}).get("unk_token")
+    special["unk_token"] = unk if unk is not None and rust.token_to_id(unk) is not None else None
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
+                              "clean_up_tokenization_spaces": False}
+    if max_length:
+        config["model_max_length"] = max_length
+    template = _chat_template(tokenizer)
+    if template:
+        config["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    mapping = {k: v for k, v in special.items() if v is not None}
+    (out / "special_tokens_map.json").write_text(json.dumps(mapping, indent=2, ensure_ascii=False), encoding="utf-8")
+    for stale in ("vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "tokenizer.model"):
+        (out / stale).unlink(missing_ok=True)  # tokenizer.json above is the whole tokenizer
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def _rust_backend(tokenizer: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` behind an nxdt tokenizer, or None (sentencepiece, slow HF tokenizers)."""
+    rust = getattr(tokenizer, "rust", None)
+    if rust is None:
+        rust = getattr(getattr(tokenizer, "hf", None), "backend_tokenizer", None)
+    return rust if hasattr(rust, "to_str") else None
+
+
+def _chat_template(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None) or getattr(getattr(tokenizer, "hf", None), "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
+def _bos_processor(bos: str, bos_id: int, existing: Any) -> dict[str, Any]:
+    """A post-processor prepending ``bos`` (after a byte-level one, which only trims offsets)."""
+    template = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    if isinstance(existing, dict) and existing.get("type") == "ByteLevel":
+        return {"type": "Sequence", "processors": [existing, template]}
+    return template
 
 
 def _copy_tokenizer(cfg: Any, out: Path) -> list[str]:

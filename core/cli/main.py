@@ -1,4 +1,4 @@
-"""The `nxdt` command line: list, inspect, plugins, config validate, run, data, checkpoints, export."""
+"""The `nxdt` command line: list, inspect, plugins, config validate, run, generate, data, checkpoints, export."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from typing import Any
 from nxdt.errors import NxdtError
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+def _add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # A sub-command's flags must not reset what was given before it (`nxdt --json list`): only the
+    # top level has defaults, the sub-commands' flags set the attribute only when given.
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="nxdt", description="Model hub and distributed training engine for LLMs.")
     parser.add_argument("--version", action="version", version=f"nxdt {__version__}")
-    _add_common(parser)
+    _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("list", help="the model presets the installed plugins offer")
@@ -45,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("overrides", nargs="*", help="key.path=value overrides")
     _add_common(v)
 
-    from nxdt.cli import data_commands, run_command
+    from nxdt.cli import data_commands, generate_command, run_command
 
     run_command.add_parser(sub, _add_common)
     from nxdt.cli import plan_command
 
     plan_command.add_parser(sub, _add_common)
+    generate_command.add_parser(sub, _add_common)
     data_commands.add_parsers(sub, _add_common)
     from nxdt.cli import checkpoint_commands
 
@@ -117,6 +121,10 @@ def _dispatch(args: argparse.Namespace) -> int | None:
         from nxdt.cli import plan_command
 
         return plan_command.cmd_plan(args)
+    if args.command == "generate":
+        from nxdt.cli import generate_command
+
+        return generate_command.cmd_generate(args)
     from nxdt.cli import checkpoint_commands
 
     handled = checkpoint_commands.dispatch(args)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nxdt.modeling.kv_cache import LayerKV
 from nxdt.modeling.rope import apply_rotary
 
 
@@ -123,8 +124,13 @@ class Attention(nn.Module):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        """Attend over ``x`` ``[batch, seq, hidden]``; RoPE applies when ``cos``/``sin`` are given."""
+        """Attend over ``x`` ``[batch, seq, hidden]``; RoPE applies when ``cos``/``sin`` are given.
+
+        With ``kv_cache`` (incremental decoding) the new keys/values are appended to the cache and
+        the queries attend over all of it; ``attn_mask`` then covers every cached slot.
+        """
         bsz, seqlen, _ = x.shape
         if self.fused:
             q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)
@@ -135,5 +141,8 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, -1, self.head_dim)
         if cos is not None and sin is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        out = self.core_attention(q, k, v, attn_mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))

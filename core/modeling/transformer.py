@@ -15,6 +15,7 @@ from torch import nn
 
 from nxdt.modeling.attention import Attention, attention_mask
 from nxdt.modeling.config import TransformerConfig
+from nxdt.modeling.kv_cache import KVCache, LayerKV
 from nxdt.modeling.mlp import MLP
 from nxdt.modeling.moe import GroupedExperts, MoE
 from nxdt.modeling.norms import RMSNorm, build_norm
@@ -71,12 +72,13 @@ class TransformerBlock(nn.Module):
         cos: torch.Tensor | None = None,
         sin: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        """Run the block on ``x`` ``[batch, seq, hidden]``."""
+        """Run the block on ``x`` ``[batch, seq, hidden]`` (``kv_cache``: incremental decoding)."""
         if self.post_norm:
-            h = self.attention_norm(x + self._drop(self.attention(x, cos, sin, attn_mask)))
+            h = self.attention_norm(x + self._drop(self.attention(x, cos, sin, attn_mask, kv_cache)))
             return self.ffn_norm(h + self._drop(self.feed_forward(h)))
-        h = x + self._drop(self.attention(self.attention_norm(x), cos, sin, attn_mask))
+        h = x + self._drop(self.attention(self.attention_norm(x), cos, sin, attn_mask, kv_cache))
         return h + self._drop(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -124,8 +126,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Logits for ``input_ids`` (hidden states where this pipeline stage has no output layer)."""
+        """Logits for ``input_ids`` (hidden states where this pipeline stage has no output layer).
+
+        With ``kv_cache`` the inputs are the next tokens of the cached rows (left-padded, padding
+        marked 0 in ``attention_mask``); positions continue from the cache unless given.
+        """
+        if kv_cache is not None:
+            return self._forward_cached(input_ids, position_ids, attention_mask, kv_cache)
         # The whole sequence's length: under sequence parallelism h holds only this rank's slice.
         if position_ids is not None:
             seq_len = position_ids.shape[-1]
@@ -140,6 +149,26 @@ class Transformer(nn.Module):
         mask = attention_mask_for(self.cfg, seq_len, h.device, position_ids, attention_mask)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    def _forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        """One incremental-decoding forward: positions and mask from the cache, each block's keys cached."""
+        seq_len = input_ids.shape[1]
+        position_ids, mask = kv_cache.prepare(seq_len, attention_mask, position_ids, self.cfg.sliding_window)
+        h = self.embed(input_ids, position_ids)
+        cos = sin = None
+        if self.rope is not None:
+            cos, sin = self.rope(position_ids)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, mask, kv_cache.layer(name))
+        kv_cache.advance(seq_len)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

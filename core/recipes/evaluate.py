@@ -13,47 +13,36 @@ from nxdt.errors import NxdtError
 #: held-out pairs scored at the end of an SFT run (the first N rows of the test file)
 MAX_EVAL_ROWS = 200
 MAX_NEW_TOKENS = 16
-
-
-def _full(logits: Any) -> torch.Tensor:
-    # Tensor-parallel runs keep logits sharded over the vocabulary; decoding needs them whole.
-    return logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+#: prompts decoded together (left-padded into one KV-cached batch)
+EVAL_BATCH = 256
 
 
 @torch.no_grad()
 def greedy_answers(
     model: Any, tokenizer: Any, prompts: list[str], device: torch.device, length_multiple: int = 1
 ) -> list[str]:
-    """Greedy continuations up to EOS, batching prompts of equal token length.
+    """Greedy continuations up to EOS through :func:`nxdt.generation.generate` (KV cache, batched).
 
-    Sequence parallelism needs lengths divisible by the TP size (``length_multiple``); inputs are
-    right-padded to it, which leaves earlier positions untouched under causal attention.
+    Sequence parallelism needs lengths divisible by the TP size (``length_multiple``): decoding
+    then recomputes right-padded sequences, which leaves earlier positions untouched.
     """
     from nxdt.data.sft import prompt_ids
+    from nxdt.generation import generate
 
+    module = getattr(model, "trainable_module", model)  # the model itself: the cache argument reaches it
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
-    answers = [""] * len(prompts)
-    for indices in by_length.values():
-        batch = torch.tensor([encoded[i] for i in indices], device=device)
-        done = torch.zeros(len(indices), dtype=torch.bool, device=device)
-        generated = []
-        for _ in range(MAX_NEW_TOKENS):
-            length = batch.shape[1]
-            padded = torch.nn.functional.pad(batch, (0, -length % length_multiple), value=tokenizer.pad_id)
-            token = _full(model(padded))[:, length - 1].argmax(-1)
-            done |= token == tokenizer.eos_id
-            generated.append(torch.where(done, tokenizer.eos_id, token))
-            if bool(done.all()):
-                break
-            batch = torch.cat([batch, token[:, None]], dim=1)
-        tokens = torch.stack(generated, dim=1).tolist()
-        for row, i in zip(tokens, indices):
-            cut = row.index(tokenizer.eos_id) if tokenizer.eos_id in row else len(row)
-            answers[i] = tokenizer.decode(row[:cut]).strip()
-    return answers
+    with eager():
+        rows = generate(module, encoded, MAX_NEW_TOKENS, [tokenizer.eos_id], tokenizer.pad_id,
+                        batch_size=EVAL_BATCH, length_multiple=length_multiple, device=device)
+    return [tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip() for row in rows]
+
+
+def eager() -> Any:
+    """Run compiled blocks eagerly: every decoding step has new shapes, which would only recompile."""
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def exact_match(
