@@ -139,12 +139,17 @@ def test_model_state_per_precision_mode_and_zero1(precision, zero1, dp, expected
     assert _state(precision, zero1, dp) == expected
 
 
-def test_build_transient_is_the_whole_model_today():
+def test_build_transient_follows_how_the_family_builds():
+    """A kit family builds sharded (a rank's shards plus one tensor); one without init_parameter builds whole."""
+    import dataclasses
+
     run = resolve("llama3-tiny", "pretrain", [*SMALL, "distributed_strategy.tensor_model_parallel_size=2"])
-    plan = plan_memory(run, world_size=2)
-    sharded = plan_memory(run, world_size=2, sharded_build=True)
+    sharded = plan_memory(run, world_size=2)
+    whole_family = dataclasses.replace(run, spec=dataclasses.replace(run.spec, init_parameter=None))
+    plan = plan_memory(whole_family, world_size=2)
     whole = snapshot_of(run).full_bytes
     assert plan.ranks[0].phases["build"] >= whole > sharded.ranks[0].phases["build"]
+    assert plan_memory(run, world_size=2, sharded_build=True).ranks[0].phases["build"] == sharded.ranks[0].phases["build"]
 
 
 # -- the command line ---------------------------------------------------------------------------

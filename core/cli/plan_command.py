@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction, add_common: Callable[[argparse.A
     p.add_argument("--search", action="store_true", help="rank every (TP, PP, VPP, DP, EP, ZeRO-1, AC) layout of the world")
     p.add_argument("--top", type=int, default=10, help="layouts to show with --search (default 10)")
     p.add_argument("--sharded-build", action="store_true",
-                   help="plan the build and HF load as sharded (each rank materialises only its shards), as issue 13 "
-                        "makes it; today's engine materialises the whole model on every rank")
+                   help="plan the build and HF load as sharded even for a family without a per-parameter init rule "
+                        "(kit families always build sharded; other families materialise the whole model on every rank)")
     add_common(p)
 
 
@@ -84,8 +84,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not fitting:
         blocked = sum(c.plan.training_peak_bytes <= c.plan.capacity_bytes for c in found)
         print("no layout fits; the smallest peaks:" if not blocked else
-              f"no layout fits; {blocked} would in training: today's whole-model build is what does not "
-              "(--sharded-build plans the sharded one). The smallest peaks:")
+              f"no layout fits; {blocked} would in training: this family's whole-model build is what does not "
+              "(--sharded-build plans a sharded one). The smallest peaks:")
     print(f"{'#':>3} {'layout':<44} {'peak GiB':>9} {'step s':>9} {'comm s':>8} {'bubble':>7}")
     for i, c in enumerate(shown, 1):
         print(f"{i:>3} {c.plan.layout.label:<44} {c.plan.peak_bytes / 2**30:>9.2f} {c.step_s:>9.2f} {c.comm_s:>8.2f} "

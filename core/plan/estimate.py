@@ -23,14 +23,13 @@ from typing import Any
 from nxdt.plan.activations import ActivationModel, in_flight, layer_bytes
 from nxdt.plan.placement import RankParams
 
-#: How ``nxdt.parallel.apply.materialize`` builds today: every rank allocates the *whole* model
-#: (all pipeline stages, unsharded, in the dtype the family builds it in, fp32 for the kit) and
-#: initialises it, then casts, prunes and shards it. When the build becomes sharded, set this to
-#: False: the build then holds the rank's own local parameters (plus one full tensor while it is split).
+#: How ``nxdt.parallel.apply`` builds a family *without* a per-parameter init rule
+#: (``ModelSpec.init_parameter``): every rank allocates the *whole* model and initialises it, then
+#: casts, prunes and shards it. Families with the rule (every kit family) build sharded: each rank
+#: holds its own local parameters plus one full tensor while it is drawn (planner.plan_memory decides).
 BUILD_MATERIALIZES_WHOLE_MODEL = True
-#: How ``nxdt.pretrained.load_hf_weights`` loads today: the whole HF state dict is read onto the
-#: rank's device beside the whole materialised model. Set False with a sharded load (each rank
-#: then reads only its slices, one tensor at a time).
+#: ... and loads HF weights whole beside the materialised model; sharded builds read them one layer
+#: group at a time and keep their slices (nxdt.parallel.materialize.load_hf_sharded).
 LOAD_READS_WHOLE_CHECKPOINT = True
 
 

@@ -205,6 +205,9 @@ def plan_memory(run: Any, *, layout: Layout | None = None, world_size: int | Non
     from nxdt.plugin_host import get_host
 
     host = host or get_host()
+    if sharded_build is None:
+        # As nxdt.parallel.apply builds: sharded for families with a per-parameter init rule, else whole.
+        sharded_build = run.spec.init_parameter is not None
     layout = layout or layout_of(run, world_size)
     if layout.cp > 1:
         raise ConfigError(f"distributed_strategy.context_parallel_size={layout.cp}: context parallelism is not "

@@ -45,8 +45,8 @@ def assumptions(plan: MemoryPlan) -> list[str]:
                    "per rank as torch schedules them (1F1B: min(m, pp - rank); interleaved: warm-up + 1 chunks)")
     whole = estimate.BUILD_MATERIALIZES_WHOLE_MODEL if plan.sharded_build is None else not plan.sharded_build
     out.append("build: " + ("every rank materialises the whole model in its build dtype before pruning and sharding "
-                            "(today's nxdt.parallel.apply)" if whole else "each rank materialises only its own shards"
-                            + (" (--sharded-build: not what today's engine does)" if plan.sharded_build else "")))
+                            "(a family without a per-parameter init rule)" if whole else
+                            "each rank materialises only its own shards (plus one full tensor while it is drawn)"))
     if f.hf_checkpoint_bytes:
         whole_load = estimate.LOAD_READS_WHOLE_CHECKPOINT if plan.sharded_build is None else not plan.sharded_build
         out.append(f"HF load: {f.hf_checkpoint_bytes / GIB:.2f} GiB of weights read "
