@@ -53,6 +53,7 @@ class FusionsSection(Section):
     flash_attention: bool = True
     ring_attention: bool = False  # context parallelism through ring attention
     softmax: bool | None = backend_only("neuron")  # NxDT's custom fused softmax operator
+    torch_compile: bool = False  # nxdt's addition: torch.compile per transformer block (inductor)
 
 
 class SchedSection(Section):

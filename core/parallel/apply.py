@@ -81,6 +81,10 @@ def parallelize(model: nn.Module, ctx: RunContext, *, trainable: bool = True) ->
             run.spec.recompute_modules,
             blocks,
         )
+        if cfg.model.fusions.torch_compile:
+            from nxdt.parallel.compile import compile_blocks
+
+            compile_blocks(model, blocks)
     if sharded_build:
         _allocate(model, world.device)
     records = build_param_table(
