@@ -174,13 +174,20 @@ def test_nxdt_yaml_dry_run(target, tmp_path):
 
     preset = resolve("llama3-8b")
     (tmp_path / "config.json").write_text(json.dumps(preset.spec.config_to_hf(preset.arch)))
-    # The LoRA keys of the anchor are refused until LoRA exists; this anchor has none.
-    res = subprocess.run([*cmd, f"model.model_config={tmp_path / 'config.json'}"], capture_output=True, text=True,
-                         env=ENV, timeout=120)
+    # The dry run checks what the run would (the fit on this machine, the data files), so the 8B model
+    # is shrunk and the anchor's /home/ubuntu data replaced; the anchor's layout and recipe stay.
+    from nxdt.data.embedded import embedded_paths
+
+    sft = embedded_paths()["sft_train"].parent
+    small = ["model.num_layers=2", "model.hidden_size=256", "model.ffn_hidden_size=512", "model.vocab_size=512",
+             "data.tokenizer.type=embedded", f"data.train_dir={sft / 'train.jsonl'}",
+             f"data.val_dir={sft / 'validation.jsonl'}", "data.seq_length=128"]
+    res = subprocess.run([*cmd, f"model.model_config={tmp_path / 'config.json'}", *small], capture_output=True,
+                         text=True, env=ENV, timeout=120)
     assert res.returncode == 0, res.stderr
     plan = json.loads(res.stdout)
     assert plan["family"] == "llama" and plan["recipe"] == "sft" and plan["layout"]["tp"] == 32
-    assert plan["config"]["model"]["num_layers"] == 32
+    assert plan["world"]["world_size"] == 32 and plan["config"]["model"]["num_layers"] == 2
 
 
 def test_model_that_will_not_fit_is_refused_before_loading(tmp_path):

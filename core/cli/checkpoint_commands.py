@@ -59,6 +59,9 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     from nxdt.checkpoint.layout import list_checkpoints
     from nxdt.checkpoint.store import Store
 
+    if "://" not in args.location and not os.path.isdir(args.location):
+        what = "is not a directory" if os.path.exists(args.location) else "does not exist"
+        raise NxdtError(f"{args.location} {what} (a run directory or checkpoint root is expected)")
     root = _root_of(args.location)
     infos = list_checkpoints(Store(root))
     if args.json:

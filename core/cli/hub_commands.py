@@ -52,10 +52,8 @@ def preset_rows(family: str | None = None) -> list[dict[str, Any]]:
         status = model_status(host, preset)
         params = None
         if status == "ok":
-            from nxdt.resolve import resolve
-
-            resolved = resolve(preset.name, host=host)
-            params = count_parameters_of(host, resolved.spec, resolved.arch)
+            spec = host.model_spec(preset.family, preset.plugin)
+            params = count_parameters_of(host, spec, preset_architecture(host, spec, preset))
         rows.append(
             {
                 "name": preset.name,
@@ -72,12 +70,65 @@ def preset_rows(family: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def preset_architecture(host: Any, spec: Any, preset: Any) -> Any:
+    """A preset's architecture config straight from its ``model.*`` keys, without composing a run config.
+
+    Presets whose own defaults set architecture keys or use ``${...}`` go through the whole
+    resolution (tests check both ways agree on every preset).
+    """
+    model_defaults = (preset.defaults or {}).get("model") or {}
+    plain = all(isinstance(v, dict) and k != "moe" for k, v in model_defaults.items())
+    if plain and "${" not in repr(preset.architecture):
+        try:
+            return spec.config_from_nxdt(dict(preset.architecture))
+        except (TypeError, ValueError, KeyError):
+            pass  # the resolution below says what is wrong, in its words
+    from nxdt.resolve import resolve
+
+    return resolve(preset.name, host=host).arch
+
+
+def _formula_applies(host: Any, spec: Any) -> bool:
+    """Whether the family's count formula describes what runs build (no plugin overrides the build)."""
+    return spec.num_parameters is not None and not host.pm.hook.nxdt_build_model.get_hookimpls()
+
+
 def count_parameters_of(host: Any, spec: Any, arch: Any) -> int:
     """Exact parameter count: the family's formula, unless a plugin overrides the build (then a meta build)."""
-    overridden = host.pm.hook.nxdt_build_model.get_hookimpls()
-    if spec.num_parameters is not None and not overridden:
+    if _formula_applies(host, spec):
         return int(spec.num_parameters(arch))
     return int(describe(spec, arch, 1, _builder(host, spec))["parameters"])
+
+
+def model_facts(host: Any, spec: Any, arch: Any, seq_length: int) -> dict[str, Any]:
+    """Parameters, FLOPs per token (and MoE counts) from the family's formulas; a meta build only without them."""
+    if not _formula_applies(host, spec) or (spec.is_moe and spec.active_parameters is None):
+        return describe(spec, arch, seq_length, _builder(host, spec))
+    info: dict[str, Any] = {
+        "parameters": int(spec.num_parameters(arch)),
+        "flops_per_token": float(spec.flops_per_token(arch, seq_length)),
+        "seq_length": seq_length,
+    }
+    if spec.is_moe:
+        experts = _expert_parameters(arch)
+        if experts is None:
+            return describe(spec, arch, seq_length, _builder(host, spec))
+        info["active_parameters"] = int(spec.active_parameters(arch))
+        info["expert_parameters"] = experts
+    return info
+
+
+def _expert_parameters(arch: Any) -> int | None:
+    """Expert weights of a kit MoE config (what EP splits), None for configs the kit does not describe."""
+    from nxdt.modeling import TransformerConfig
+    from nxdt.modeling.moe import moe_parameter_counts
+
+    moe = getattr(arch, "moe", None)
+    if not isinstance(arch, TransformerConfig) or moe is None:
+        return None
+    router = arch.hidden_size * moe.num_experts
+    per_layer = moe_parameter_counts(arch.hidden_size, arch.ffn_hidden_size, arch.gated, moe)[0] - router
+    return len(moe.moe_layers(arch.num_layers)) * per_layer
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -108,7 +159,7 @@ def inspect_preset(name: str, overrides: list[str]) -> dict[str, Any]:
     cfg, spec = resolved.config, resolved.spec
     seq = cfg.data.seq_length or (resolved.preset.seq_length if resolved.preset else 2048)
     parallel = resolved.parallel_dims()
-    info = describe(spec, resolved.arch, seq, _builder(host, spec))
+    info = model_facts(host, spec, resolved.arch, seq)
     try:
         plan = host.shard_plan(spec, resolved.arch, parallel)
     except ValueError as exc:  # a layout the family cannot split (heads or experts over TP / EP)
@@ -213,16 +264,21 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    """Load, interpolate and validate a YAML file; print the resolved config."""
+    """Load, interpolate and validate a YAML file, check its layout against its model; print the resolved config."""
     from nxdt.config import load_run_config
 
     cfg = load_run_config(args.file, args.overrides)
+    from nxdt.cli.preflight import check_config_file
+
+    note = check_config_file(args.file, args.overrides, cfg)
     unused = cfg.unused_keys(backend="torch")
     if args.json:
-        print_json({"valid": True, "config": cfg.to_dict(), "unused_keys": unused})
+        print_json({"valid": True, "config": cfg.to_dict(), "unused_keys": unused, "note": note})
         return 0
     print(cfg.to_yaml(), end="")
     if unused:
         print(f"# unused on the torch backend (Neuron-only): {', '.join(unused)}")
+    if note:
+        print(f"# {note}")
     print(f"# {args.file}: valid")
     return 0

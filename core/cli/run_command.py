@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nxdt.cli.worker import LAUNCHER_PID_ENV, STATUS_DIR_ENV
-from nxdt.errors import NxdtError
+from nxdt.errors import ConfigError, NxdtError
 
 WORKER_MODULE = "nxdt.cli.worker"
 
@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction, add_common: Callable[[argparse.A
     p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", help="host:port of the c10d rendezvous")
     p.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id", default=None, help="rendezvous id shared by all nodes of a job")
     p.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=0, help="worker group restarts on failure")
-    p.add_argument("--dry-run", action="store_true", help="resolve and print the run, then exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check the run makes (layout, data, tokenizer, names, fit), print the run, exit")
     add_common(p)
 
 
@@ -51,7 +52,15 @@ def dispatch(args: argparse.Namespace) -> int:
     nproc = cfg.trainer.devices or 1
     nnodes = args.nnodes or str(cfg.trainer.num_nodes or 1)
     world_size = nproc * int(nnodes.split(":")[-1])
-    parallel = resolved.parallel_dims(world_size)
+    from nxdt.cli.preflight import preflight, world_advice
+
+    try:
+        parallel = resolved.parallel_dims(world_size)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{world_advice(resolved)}") from None
+
+    # Every check the run makes before training; a real run leaves the data to its workers.
+    preflight(resolved, world_size, nproc, data=args.dry_run)
     if args.dry_run:
         return print_dry_run(resolved, parallel, world_size, nproc, nnodes, args.json)
     worker_args = ["--recipe", recipe, args.target, *overrides]

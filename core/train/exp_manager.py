@@ -8,6 +8,11 @@
 - metrics.jsonl gets one ``write`` per line, and a line that could not be written whole is cut
   back off, so the file always parses; after a resume the rows past the resumed step are dropped,
   so every step appears once.
+- console.log gets what rank 0 prints (stdout and stderr, colour codes and redrawn progress bars
+  left out) from the moment it takes the run directory to the end of the process.
+- A run directory this process created and that holds nothing of the run when its lock is
+  released (no metrics row, no checkpoint, no result: the run failed before its first step) is
+  removed, so failed starts leave no empty run directories behind.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch.distributed as dist
 
@@ -32,8 +38,11 @@ from nxdt.errors import NxdtError
 DEFAULT_EXP_DIR = "nxdt_experiments"
 LOCK_FILE = "nxdt.lock"
 RUN_ID_FILE = "nxdt_run_id"
+CONSOLE_LOG = "console.log"
 _RUN_ID = re.compile(r"[0-9a-zA-Z_-]{1,64}")
 _held: dict[str, int] = {}  # resolved run directory -> the locked file's descriptor
+_created: dict[str, Path] = {}  # resolved run directory this process created -> the topmost directory it created
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def run_directory(cfg: Any, is_distributed: bool) -> Path:
@@ -63,7 +72,69 @@ def run_directory(cfg: Any, is_distributed: bool) -> Path:
         path, error = Path(box[0][0]), box[0][1]
     if error:
         raise NxdtError(error)
+    if rank == 0:
+        start_console_log(path)
     return path
+
+
+# -- the console log ------------------------------------------------------------------------------
+class _Tee:
+    """A text stream that also appends complete lines, without colour codes or bar redraws, to a log file."""
+
+    def __init__(self, stream: Any, log: IO[str]) -> None:
+        self.stream, self.log, self._partial = stream, log, ""
+
+    def write(self, text: str) -> int:
+        """Write to the stream; log each finished line (the text after its last carriage return)."""
+        written = self.stream.write(text)
+        self._partial += text
+        if "\n" in self._partial:
+            *lines, self._partial = self._partial.split("\n")
+            try:
+                self.log.write("".join(_ANSI.sub("", line.rsplit("\r", 1)[-1]) + "\n" for line in lines))
+                self.log.flush()
+            except (OSError, ValueError):
+                pass  # a full disk or a closed log must not stop the run's own output
+        return written
+
+    def flush(self) -> None:
+        """Flush the stream."""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)  # isatty, fileno, encoding: the terminal's, for rich
+
+
+_console: dict[str, Any] = {}
+
+
+def start_console_log(run_dir: Path) -> None:
+    """Copy this process's stdout and stderr lines to ``run_dir/console.log`` until :func:`stop_console_log`.
+
+    The log outlives the run lock (the final metrics are printed after the last checkpoint
+    released it) and ends at exit or when another run starts in this process.
+    """
+    if _console.get("dir") == str(Path(run_dir).resolve()):
+        return
+    stop_console_log()
+    try:
+        log = open(Path(run_dir) / CONSOLE_LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed by stop_console_log
+    except OSError:
+        return
+    _console.update(log=log, stdout=sys.stdout, stderr=sys.stderr, dir=str(Path(run_dir).resolve()))
+    sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)  # type: ignore[assignment]
+
+
+def stop_console_log() -> None:
+    """Put the original streams back (where nobody replaced them since) and close the log."""
+    if not _console:
+        return
+    for name in ("stdout", "stderr"):
+        current = getattr(sys, name)
+        if isinstance(current, _Tee) and current.log is _console["log"]:
+            setattr(sys, name, _console[name])
+    _console["log"].close()
+    _console.clear()
 
 
 # -- the run lock ---------------------------------------------------------------------------------
@@ -101,6 +172,10 @@ def acquire_run_lock(run_dir: str | Path) -> None:
     key = str(run_dir.resolve())
     if key in _held:
         return
+    top = run_dir.resolve()
+    while not top.parent.exists():
+        top = top.parent
+    existed = top.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -134,6 +209,8 @@ def acquire_run_lock(run_dir: str | Path) -> None:
         os.pwrite(fd, json.dumps(me).encode(), 0)
         os.fsync(fd)
         _held[key] = fd
+        if not existed:
+            _created[key] = top
         return
     raise NxdtError(f"cannot lock the run directory {run_dir}: it keeps changing")
 
@@ -144,6 +221,20 @@ def release_run_lock(run_dir: str | Path) -> None:
     fd = _held.pop(key, None)
     if fd is None:
         return
+    if key in _created and not holds_run_output(Path(run_dir)):
+        if _console.get("dir") == key:
+            stop_console_log()
+        top = _created.pop(key)
+        shutil.rmtree(run_dir, ignore_errors=True)  # while still locked: nobody else starts in it meanwhile
+        os.close(fd)
+        parent = Path(key).parent
+        while parent != top.parent and parent.is_relative_to(top):  # the empty parents it created (exp_dir/name)
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty: another run's
+            parent = parent.parent
+        return
     try:
         os.unlink(Path(run_dir) / LOCK_FILE)  # while still locked, so nobody locks the removed file for long
     except OSError:
@@ -151,8 +242,18 @@ def release_run_lock(run_dir: str | Path) -> None:
     os.close(fd)
 
 
+def holds_run_output(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything of a run: a metrics row, a checkpoint or a result."""
+    metrics = run_dir / "metrics.jsonl"
+    if (metrics.is_file() and metrics.stat().st_size > 0) or (run_dir / "result.json").exists():
+        return True
+    checkpoints = run_dir / "checkpoints"
+    return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+
 @atexit.register
 def _release_all() -> None:
+    stop_console_log()
     for key in list(_held):
         release_run_lock(key)
 

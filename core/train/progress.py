@@ -14,7 +14,8 @@ class ProgressReporter:
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool, console: Console | None = None):
         self.enabled = enabled
-        self.console = console or Console(stderr=False)
+        # soft_wrap: a long line stays one line when piped (rich would hard-wrap it at 80 columns)
+        self.console = console or Console(stderr=False, soft_wrap=True)
         self.total = total_steps
         self._progress: Progress | None = None
         self._task = None

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from nxdt.data.batch import IGNORE_INDEX
 from nxdt.errors import NxdtError
@@ -41,6 +40,8 @@ def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     finds the maximum of its own slice at the labelled positions only, and two all-reduces of one
     value per position give the global argmax, without gathering the vocabulary.
     """
+    from torch.distributed.tensor import DTensor  # on use: importing it costs a second of start-up (sympy)
+
     mask = labels != IGNORE_INDEX
     target = labels[mask]
     if not isinstance(logits, DTensor):
@@ -74,6 +75,8 @@ class MaskedLMObjective:
         mlm = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
         )
+        from torch.distributed.tensor import DTensor
+
         if isinstance(mlm, DTensor):
             # The loss-parallel loss is a replicated DTensor: a plain tensor before the (plain) NSP loss joins it,
             # or backward would hand DTensor gradients to the pooler and classifier.

@@ -1,0 +1,106 @@
+"""Start-up: `nxdt list`, `inspect`, `plugins`, `config validate` and `--help` build no model (counts
+and FLOPs come from the families' formulas, checked against a meta build for every preset), import
+nothing heavy beyond torch, and `nxdt list` costs at most 1.5x `import torch`, measured side by side."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ANCHORS = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "nxdt-configs"
+
+
+def test_read_only_commands_build_no_model(monkeypatch, capsys):
+    """Every language model has an embedding table: list, plugins, config validate and --help construct none;
+    inspect's counts and FLOPs come from the formulas (its memory plan places parameters from one meta build)."""
+    import nxdt.cli.hub_commands
+    from nxdt.cli.main import main
+
+    built: list[int] = []
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    original = torch.nn.Embedding.__init__
+    monkeypatch.setattr(nxdt.cli.hub_commands, "describe", refuse)  # the meta-build count path
+    monkeypatch.setattr(torch.nn.Embedding, "__init__", refuse)
+    assert main(["list"]) == 0
+    assert main(["plugins"]) == 0
+    assert main(["config", "validate", str(ANCHORS / "hf_llama3_8B_config.yaml")]) == 0
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    monkeypatch.setattr(torch.nn.Embedding, "__init__", counted)
+    assert main(["--json", "inspect", "mixtral-8x7b"]) == 0
+    assert main(["inspect", "llama3-70b", "model.num_layers=4"]) == 0
+    assert len(built) <= 2  # one meta build each, the memory planner's
+    capsys.readouterr()
+
+
+def test_list_imports_nothing_heavy():
+    """`nxdt list` in a fresh process loads neither DTensor (and sympy with it) nor transformers."""
+    code = ("import io, contextlib, sys\nfrom nxdt.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main(['list'])\n"
+            "print(sorted(m for m in ('sympy', 'torch.distributed.tensor', 'transformers', 'nxdt.config') "
+            "if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", f"imported at start-up: {res.stdout.strip()} (import them where they are used)"
+
+
+@pytest.mark.slow
+def test_formulas_equal_meta_builds_for_every_preset():
+    """For each preset: the list's architecture equals the full resolution's, and the formula counts a meta build."""
+    from nxdt.cli.hub_commands import model_facts, model_status, preset_architecture
+    from nxdt.model_info import describe
+    from nxdt.plugin_host import get_host
+    from nxdt.resolve import resolve
+
+    host = get_host()
+    checked = 0
+    for preset in host.presets:
+        if model_status(host, preset) != "ok":
+            continue
+        resolved = resolve(preset.name, host=host)
+        assert preset_architecture(host, resolved.spec, preset) == resolved.arch, preset.name
+        built = describe(resolved.spec, resolved.arch, 128)
+        formula = model_facts(host, resolved.spec, resolved.arch, 128)
+        assert formula == built, preset.name
+        checked += 1
+    assert checked >= 15
+
+
+def _wall(args: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True, timeout=300)
+    return time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_list_costs_at_most_one_and_a_half_torch_imports():
+    """Interleaved rounds of `nxdt list` and `python -c "import torch"`: the median of the rounds' ratios is <= 1.5.
+
+    Each round times both commands back to back, so load from other processes affects both alike.
+    """
+    torch_cmd = [sys.executable, "-c", "import torch"]
+    list_cmd = [sys.executable, "-m", "nxdt.cli.main", "list"]
+    _wall(list_cmd)  # warm the file cache for both
+    torch_s, list_s = [], []
+    for _ in range(5):
+        torch_s.append(_wall(torch_cmd))
+        list_s.append(_wall(list_cmd))
+    ratio = statistics.median(b / a for a, b in zip(torch_s, list_s))
+    print(f"nxdt list median {statistics.median(list_s):.2f} s (min {min(list_s):.2f}, max {max(list_s):.2f}), "
+          f"import torch median {statistics.median(torch_s):.2f} s (min {min(torch_s):.2f}, max {max(torch_s):.2f}), "
+          f"median ratio {ratio:.2f}")
+    assert ratio <= 1.5
