@@ -5,8 +5,8 @@ Each measurement is a fresh process (so its peak RSS is its own) that builds the
 the training and validation pairs, or the frozen copy), then times training steps. The two modes
 run in interleaved rounds with alternating order, so load from other processes falls on both.
 
-    python bench/dpo.py                      # 3 rounds, ~13M-parameter model, CPU (~4 min on 2 cores)
-    python bench/dpo.py --rounds 5 --json    # machine-readable, per-round figures included
+    python bench/dpo.py                      # 3 rounds, ~13M-parameter model, CPU (~15 min on 2 shared cores)
+    python bench/dpo.py --threads 1 --rounds 5 --json   # steadier on a shared machine; per-round figures
 """
 
 from __future__ import annotations

@@ -290,8 +290,9 @@ def test_malformed_rows_are_reported_with_file_and_line(tmp_path, tokenizer):
     assert len(lines_out) == 1 and "Traceback" not in res.stderr and str(bad) in lines_out[0], res.stderr
 
 
-def test_dpo_keys_are_read_and_misuse_is_one_line(tmp_path):
+def test_dpo_keys_are_read_and_misuse_is_refused(tmp_path):
     """The dpo/orpo sections are read by their recipes; a section of another recipe or an unknown loss_type is refused."""
+    from nxdt.errors import ConfigError
     from nxdt.resolve import default_recipe, resolve
 
     run = resolve("llama3-tiny", "dpo", ["model_alignment_strategy.dpo.kl_beta=0.5"])
@@ -299,27 +300,21 @@ def test_dpo_keys_are_read_and_misuse_is_one_line(tmp_path):
     yaml = tmp_path / "hf_llama_orpo.yaml"
     yaml.write_text("name: hf_llama\nmodel_alignment_strategy:\n  orpo:\n    beta: 0.2\n")
     assert default_recipe(str(yaml)) == "orpo"
-    for args, expected in (
-        (["--recipe", "orpo", "model_alignment_strategy.orpo=null", "model_alignment_strategy.dpo.kl_beta=0.1"],
-         "applies to the dpo recipe"),
-        (["--recipe", "dpo", "model_alignment_strategy.dpo.loss_type=kto"], "loss_type"),
-    ):
-        res = subprocess.run([*ENV_CMD, "run", "llama3-tiny", "--dry-run", *args], capture_output=True, text=True,
-                             timeout=120)
-        lines = res.stderr.strip().splitlines()
-        assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr
+    with pytest.raises(ConfigError, match="applies to the dpo recipe; this run uses 'orpo'"):
+        resolve("llama3-tiny", "orpo", ["model_alignment_strategy.orpo=null", "model_alignment_strategy.dpo.kl_beta=0.1"])
+    with pytest.raises(ConfigError, match="loss_type='kto'"):
+        resolve("llama3-tiny", "dpo", ["model_alignment_strategy.dpo.loss_type=kto"])
 
 
 # -- the embedded task, as a user runs it ----------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["dpo", "orpo"])
 def test_cli_recipe_learns_the_embedded_preferences(tmp_path, recipe):
-    """`nxdt run llama3-tiny --recipe dpo|orpo` (150 of its 250 steps): held-out reward accuracy rises well above 0.5."""
-    cmd = [*ENV_CMD, "run", "llama3-tiny", "--recipe", recipe, "trainer.max_steps=150",
-           f"exp_manager.explicit_log_dir={tmp_path}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    """`nxdt run llama3-tiny --recipe dpo|orpo` as a user runs it: held-out reward accuracy rises well above 0.5."""
+    cmd = [*ENV_CMD, "run", "llama3-tiny", "--recipe", recipe, f"exp_manager.explicit_log_dir={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     accuracy = [row["val_rewards/accuracies"] for row in logged if "val_rewards/accuracies" in row]
     print(f"{recipe}: held-out reward accuracy every 50 steps {accuracy}")
-    assert len(accuracy) == 3 and accuracy[-1] >= 0.7 and accuracy[-1] > accuracy[0], accuracy
+    assert len(accuracy) == 5 and accuracy[-1] >= 0.75 and accuracy[-1] > accuracy[0], accuracy
