@@ -182,3 +182,24 @@ def test_search_llama_405b_on_one_node_finds_nothing(capsys):
                            "data.global_batch_size=64")
     result = json.loads(out)
     assert code == 0 and result["world_size"] == 8 and result["searched"] > 0 and result["fitting"] == 0
+
+
+def test_published_layouts(capsys):
+    """NxDT's Llama-3-70B TP32 x PP8 on 32 trn1 nodes fits; Llama-3.1-405B fits on 16 8xH100 nodes with a
+    layout the search returns (and on one node with none); Mixtral-8x7B finds EP layouts on 4 nodes."""
+    code, out, _ = run_cli(capsys, "plan", "llama3-70b", "--device", "trn1", "--nodes", "32", "--json",
+                           "distributed_strategy.tensor_model_parallel_size=32",
+                           "distributed_strategy.pipeline_model_parallel_size=8", "distributed_strategy.zero1=true",
+                           "distributed_strategy.sequence_parallel=true", "distributed_strategy.kv_replicator=4",
+                           "precision.type=mixed_precision", "model.activations_checkpoint_granularity=full",
+                           "data.seq_length=8192", "model.max_position_embeddings=8192", "data.global_batch_size=1024")
+    plan = json.loads(out)
+    assert code == 0 and plan["fits"], plan["peak_gib"]
+    code, out, _ = run_cli(capsys, "plan", "llama3.1-405b", "--device", "h100", "--nodes", "16", "--search", "--json")
+    found = json.loads(out)
+    assert code == 0 and found["fitting"] > 0 and found["best"]["fits"]
+    code, out, _ = run_cli(capsys, "plan", "mixtral-8x7b", "--device", "h100", "--nodes", "4", "--search", "--json",
+                           "--top", "500")
+    found = json.loads(out)
+    with_ep = [c for c in found["layouts"] if c["fits"] and c["layout_detail"]["ep"] > 1]
+    assert code == 0 and found["fitting"] > 0 and with_ep

@@ -103,8 +103,8 @@ class FlatShardedAdamW(torch.optim.Optimizer):
             for key in sorted(parts, key=lambda k: k != "dp"):  # the dense buffer first
                 flat = self._layout(*parts[key], meshes.get(key), key)
                 master_dtype = torch.float32 if precision.master_weights else flat.params[0].dtype
-                full = self._flatten([local_tensor(p.detach()) for p in flat.params], flat, torch.float32)
-                shard = full[flat.shard_start : flat.shard_start + flat.shard_numel].to(master_dtype).clone()
+                shard = torch.zeros(flat.shard_numel, dtype=master_dtype, device=flat.params[0].device)
+                self._read_range([local_tensor(p.detach()) for p in flat.params], flat, flat.shard_start, shard)
                 if precision.fp32_grad_acc:
                     flat.grad_acc = torch.zeros(flat.numel, dtype=torch.float32, device=shard.device)
                 self.flat_groups.append(flat)
@@ -127,6 +127,29 @@ class FlatShardedAdamW(torch.optim.Optimizer):
         padded = math.ceil(total / size) * size if total else size
         shard = padded // size
         return FlatGroup(list(names), list(params), offsets, padded, rank * shard, shard, sync=sync, group=group, size=size)
+
+    @staticmethod
+    def _spans(flat: FlatGroup, a: int, b: int) -> list[tuple[int, int, int]]:
+        """(parameter index, start, end) of the parameters' parts inside flat range [a, b)."""
+        out = []
+        for i, (p, off) in enumerate(zip(flat.params, flat.offsets)):
+            lo, hi = max(off, a), min(off + local_tensor(p).numel(), b)
+            if lo < hi:
+                out.append((i, lo, hi))
+        return out
+
+    @classmethod
+    def _read_range(cls, tensors: list[torch.Tensor | None], flat: FlatGroup, a: int, out: torch.Tensor) -> None:
+        """Copy the flat range [a, a + len(out)) of ``tensors`` (laid out as ``flat``) into ``out`` (padding stays)."""
+        for i, lo, hi in cls._spans(flat, a, a + out.numel()):
+            t = tensors[i]
+            if t is not None:
+                out[lo - a : hi - a] = t.reshape(-1)[lo - flat.offsets[i] : hi - flat.offsets[i]]
+
+    @staticmethod
+    def _chunk(flat: FlatGroup) -> int:
+        """Elements per collective: a bounded buffer (about 256 MiB of fp32 over the group) instead of the whole flat one."""
+        return max(1 << 16, (1 << 26) // max(1, flat.size))
 
     @staticmethod
     def _flatten(tensors: list[torch.Tensor | None], flat: FlatGroup, dtype: torch.dtype) -> torch.Tensor:
@@ -238,23 +261,37 @@ class FlatShardedAdamW(torch.optim.Optimizer):
             full = torch.zeros(flat.numel, dtype=torch.float32, device=flat.params[0].device if flat.params else "cpu")
             for p, off in zip(flat.params, flat.offsets):
                 full[off : off + local_tensor(p).numel()] = values[id(p)]
-            out.append(full[flat.shard_start : flat.shard_start + flat.shard_numel])
+            out.append(full[flat.shard_start : flat.shard_start + flat.shard_numel].clone())  # not a view of the whole
         return out
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Average the accumulated gradients over DP and give each shard its slice as ``.grad``."""
         for flat, shard in zip(self.flat_groups, self._shards):
-            if flat.grad_acc is not None:
-                full = flat.grad_acc
-            else:
-                grads = [local_tensor(p.grad) if p.grad is not None else None for p in flat.params]
-                full = self._flatten(grads, flat, torch.float32)
-            if flat.group is not None:
-                dist.all_reduce(full, group=flat.group)
-                full = full / self.grad_divisor
+            grads = [local_tensor(p.grad) if p.grad is not None else None for p in flat.params]
+            lo, hi = flat.shard_start, flat.shard_start + flat.shard_numel
+            if flat.group is None:
+                # One holder: its slice is the whole buffer; no collective, no flat copy.
+                acc = flat.grad_acc if flat.grad_acc is not None else self._flatten(grads, flat, torch.float32)
+                shard.grad = acc[lo:hi].to(shard.dtype, copy=True)
+                continue
+            # All-reduce in bounded chunks (gloo has no reduce-scatter) and keep this rank's slice of each:
+            # the optimizer never holds a second unsharded copy of the gradients.
+            mine = torch.zeros(flat.shard_numel, dtype=torch.float32, device=shard.device)
+            step = self._chunk(flat)
+            for a in range(0, flat.numel, step):
+                b = min(a + step, flat.numel)
+                if flat.grad_acc is not None:
+                    chunk = flat.grad_acc[a:b]
+                else:
+                    chunk = torch.zeros(b - a, dtype=torch.float32, device=shard.device)
+                    self._read_range(grads, flat, a, chunk)
+                dist.all_reduce(chunk, group=flat.group)
+                x, y = max(a, lo), min(b, hi)
+                if x < y:
+                    mine[x - lo : y - lo] = chunk[x - a : y - a] / self.grad_divisor
             # A bf16 shard (bf16SR without master weights) takes a bf16 gradient, as torch requires.
-            shard.grad = full[flat.shard_start : flat.shard_start + flat.shard_numel].to(shard.dtype, copy=True)
+            shard.grad = mine if shard.dtype == torch.float32 else mine.to(shard.dtype)
 
     def shard_grads(self) -> list[torch.Tensor]:
         """This rank's gradient slices (one per flat group)."""
@@ -316,10 +353,22 @@ class FlatShardedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _gather_into_params(self, generator: torch.Generator | None) -> None:
+        sr = self.precision.stochastic_rounding and self.precision.master_weights
         for flat, shard in zip(self.flat_groups, self._shards):
-            full = self._gather(shard.float(), flat)
-            for p, off in zip(flat.params, flat.offsets):
-                local = local_tensor(p)
-                src = full[off : off + local.numel()].view_as(local)
-                # Master weights round into bf16 parameters here (stochastically for *SR modes).
-                write_rounded_(local, src, self.precision.stochastic_rounding and self.precision.master_weights, generator)
+            slices = [local_tensor(p).view(-1) for p in flat.params]
+            step = self._chunk(flat) if flat.group is not None else flat.shard_numel
+            # Chunk o of every rank's slice at once: bounded buffers, never the whole flat buffer.
+            for o in range(0, flat.shard_numel, max(1, step)):
+                c = min(step, flat.shard_numel - o)
+                piece = shard[o : o + c].float()
+                if flat.group is None:
+                    pieces = [piece]
+                else:
+                    pieces = [torch.empty_like(piece) for _ in range(flat.size)]
+                    dist.all_gather(pieces, piece, group=flat.group)
+                for d, got in enumerate(pieces):
+                    g0 = d * flat.shard_numel + o
+                    for i, lo, hi in self._spans(flat, g0, g0 + c):
+                        off = flat.offsets[i]
+                        # Master weights round into bf16 parameters here (stochastically for *SR modes).
+                        write_rounded_(slices[i][lo - off : hi - off], got[lo - g0 : hi - g0], sr, generator)

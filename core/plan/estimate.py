@@ -33,6 +33,10 @@ BUILD_MATERIALIZES_WHOLE_MODEL = True
 LOAD_READS_WHOLE_CHECKPOINT = True
 
 
+#: Elements of the flat buffers one collective of ``nxdt.parallel.zero1`` moves over the whole DP group.
+FLAT_CHUNK_ELEMENTS = 1 << 26
+
+
 @dataclass(frozen=True)
 class Facts:
     """What a plan reads from the run besides its layout."""
@@ -164,12 +168,17 @@ def rank_memory(rank: RankParams, layout: Layout, facts: Facts, acts: Activation
         grads = persistent_grads or pb * nt
         shard_grad = copy_bytes * sliced
         synced = layout.zero1 and layout.dp > 1
-        # finalize: the flat fp32 gradient (or the accumulator), then its DP average, a second copy
-        reduce = (4 * nt if synced else 0) + (0 if facts.fp32_grad_acc else 4 * nt)
+        # zero1.py reduces and gathers in chunks of about FLAT_CHUNK_ELEMENTS over the DP group
+        chunk = min(nt, FLAT_CHUNK_ELEMENTS)
+        # finalize: this rank's fp32 slice, plus one chunk of the flat gradient (a view of the accumulator);
+        # without a DP group the flat fp32 gradient is built whole (the slice is all of it)
+        reduce = (4 * sliced + (0 if facts.fp32_grad_acc else 4 * chunk)) if synced else \
+            (0 if facts.fp32_grad_acc else 4 * nt)
         upcasts = (2 * 4 * sliced if facts.state_bytes == 2 else 0) + (2 * 4 * sliced if copy_bytes == 2 else 0)
         noise = 8 * sliced if facts.stochastic_rounding else 0
         update = 2 * 4 * sliced + upcasts + noise  # sqrt and its quotient in fp32, fp32 views of bf16 tensors
-        gather = 8 * nt if synced else (4 * nt if copy_bytes == 2 else 0)  # all_gather pieces + cat
+        # all_gather of one chunk of every rank's slice at a time (an fp32 view of a bf16 shard otherwise)
+        gather = 4 * chunk + 4 * min(sliced, chunk) if synced else (4 * nt if copy_bytes == 2 else 0)
         step_extra = shard_grad + max(reduce, update, gather)
         phases["optimizer_init"] = weights + 4 * nt + master + persistent_grads
     else:
