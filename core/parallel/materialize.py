@@ -51,6 +51,44 @@ def _modules_by_clean_name(model: nn.Module) -> dict[str, nn.Module]:
     return {name.replace(WRAPPER_PREFIX, ""): m for name, m in model.named_modules()}
 
 
+#: Elements of one row block of a drawn parameter (values are defined block by block, see draw_local).
+BLOCK_ELEMENTS = 1 << 22
+
+
+def draw_local(draw: Callable[[tuple[int, ...], torch.Generator], torch.Tensor], seed: int, key: str,
+               empty: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter whose single-device value is drawn block of rows by block of rows.
+
+    Row block ``k`` of parameter ``key`` comes from its own generator, so a rank draws only the
+    blocks that meet its rows (a row-sharded weight) and keeps its columns of each (a
+    column-sharded one): never the whole tensor, and the same values under any layout.
+    """
+    shape = tuple(empty.shape)
+    if not shape:
+        return _slice_like(draw(shape, key_generator(seed, key)), empty)
+    rows_per_block = max(1, BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    if isinstance(empty, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local_shape, offset = compute_local_shape_and_global_offset(empty.shape, empty.device_mesh, empty.placements)
+    else:
+        local_shape, offset = shape, (0,) * len(shape)
+    r0, r1 = offset[0], offset[0] + local_shape[0]
+    parts = []
+    for k in range(r0 // rows_per_block, -(-r1 // rows_per_block)):
+        b0, b1 = k * rows_per_block, min((k + 1) * rows_per_block, shape[0])
+        block = draw((b1 - b0, *shape[1:]), key_generator(seed, f"{key}#{k}"))
+        block = block[max(r0, b0) - b0 : min(r1, b1) - b0]
+        for dim in range(1, len(shape)):
+            block = block.narrow(dim, offset[dim], local_shape[dim])
+        parts.append(block)
+    local = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if not isinstance(empty, DTensor):
+        return local
+    return DTensor.from_local(local.contiguous(), empty.device_mesh, empty.placements, run_check=False,
+                              shape=empty.shape, stride=empty.stride())
+
+
 def _slice_like(full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """``full`` (a single-device value) as ``empty`` holds it: a DTensor of this rank's slice, or itself."""
     if not isinstance(empty, DTensor):
@@ -65,8 +103,12 @@ def _slice_like(full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
                               shape=empty.shape, stride=empty.stride())
 
 
-def _fill(model: Any, portable: Any, values_for: Callable[[str, str, nn.Parameter, dict[str, torch.Tensor]], dict | None]) -> set[str]:
-    """For each parameter: its saved-form values from ``values_for`` -> this rank's local tensor. Returns filled names."""
+def _fill(model: Any, portable: Any, values_for: Callable[[str, str, nn.Parameter, dict[str, torch.Tensor]], dict | None],
+          presliced: bool = False) -> set[str]:
+    """For each parameter: its saved-form values from ``values_for`` -> this rank's local tensor. Returns filled names.
+
+    ``presliced``: ``values_for`` already returns each value as this rank holds it (DTensors of its slices).
+    """
     filled = set()
     with torch.no_grad():
         for name, p in portable.params:
@@ -74,7 +116,9 @@ def _fill(model: Any, portable: Any, values_for: Callable[[str, str, nn.Paramete
             values = values_for(name, portable.key[name], p, empties)
             if values is None:
                 continue
-            local = portable.gathered(name, p, {k: _slice_like(v, empties[k]) for k, v in values.items()})
+            if not presliced:
+                values = {k: _slice_like(v, empties[k]) for k, v in values.items()}
+            local = portable.gathered(name, p, values)
             if local is None:
                 continue
             local_tensor(p).copy_(local.to(local_tensor(p).dtype))
@@ -95,15 +139,17 @@ def init_sharded(model: Any, spec: Any, arch: Any, seed: int) -> None:
         module = modules[module_name]
         out = {}
         for saved_key, empty in empties.items():
-            shape = tuple(empty.shape)
-            generator = key_generator(seed, saved_key)
             if roles.get(name) == "adapter":
-                out[saved_key] = lora_init(pname, shape, generator)
+                def draw(shape: tuple[int, ...], generator: torch.Generator, _p: str = pname) -> torch.Tensor:
+                    return lora_init(_p, shape, generator)
             else:
-                out[saved_key] = spec.init_parameter(module, pname, shape, arch, generator)
+                def draw(shape: tuple[int, ...], generator: torch.Generator, _m: nn.Module = module,
+                         _p: str = pname) -> torch.Tensor:
+                    return spec.init_parameter(_m, _p, shape, arch, generator)
+            out[saved_key] = draw_local(draw, seed, saved_key, empty)
         return out
 
-    _fill(model, portable, values_for)
+    _fill(model, portable, values_for, presliced=True)
     for module in model.trainable_module.modules():
         # Buffers (RoPE tables) are computed, not drawn: every rank fills its own.
         if any(True for _ in module.buffers(recurse=False)) and hasattr(module, "reset_parameters"):
@@ -128,7 +174,11 @@ def _hf_layer_groups(path: Path) -> dict[str, list[tuple[Path, list[str]]]]:
                 m = _LAYER.search(key)
                 per_layer.setdefault(m.group(1) if m else "top", []).append(key)
         for layer, keys in per_layer.items():
-            layers.setdefault(layer, []).append((f, keys))
+            if layer == "top":  # embeddings, final norm, LM head: never fused, so one tensor at a time
+                for key in keys:
+                    layers.setdefault(f"top:{key}", []).append((f, [key]))
+            else:
+                layers.setdefault(layer, []).append((f, keys))
     return layers
 
 
