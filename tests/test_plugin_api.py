@@ -11,10 +11,10 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from plugin_packages import write_plugin
 
 ROOT = Path(__file__).resolve().parents[1]
 NXDT = [sys.executable, "-m", "nxdt.cli.main"]
@@ -135,34 +135,15 @@ TUNED_PLAN = '''
             return None
         plan = spec.shard_plan(config, parallel)
         rules = {k: v for k, v in plan.rules.items() if "feed_forward" not in k}
+        import inspect
+
+        # Who asked: the training path (nxdt.parallel.apply._shard) or a planner / pre-flight check.
+        caller = "apply" if any(frame.function == "_shard" for frame in inspect.stack()) else "other"
         with open(os.environ["TUNED_PLAN_MARKER"], "a") as f:
-            f.write(f"tp={parallel.tp}\\n")
+            f.write(f"{caller} rank={os.environ.get('RANK', '-')} tp={parallel.tp}\\n")
         return ShardPlan(rules=rules, sequence_parallel=plan.sequence_parallel, kv_projections=plan.kv_projections,
                          notes="tuned")
 '''
-
-
-def _package(root: Path, dist: str, module: str, entry: str, body: str) -> Path:
-    pkg = root / dist
-    (pkg / module).mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-
-        [project]
-        name = "{dist}"
-        version = "0.1.0"
-
-        [project.entry-points."nxdt.plugins"]
-        {entry} = "{module}.plugin"
-
-        [tool.setuptools]
-        packages = ["{module}"]
-    """))
-    (pkg / module / "__init__.py").write_text("")
-    (pkg / module / "plugin.py").write_text(textwrap.dedent(body))
-    return pkg
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +153,9 @@ def installed(tmp_path_factory):
     written = docs_files(root)
     assert {p.name for p in written} == {"pyproject.toml", "__init__.py", "plugin.py"}
     pkgs = [root / "nxdt-qwen2",
-            _package(root, "nxdt-toyv1", "nxdt_toyv1", "toyv1", V1_FAMILY),
-            _package(root, "nxdt-future", "nxdt_future", "future", NEWER_API),
-            _package(root, "nxdt-tunedplan", "nxdt_tunedplan", "tunedplan", TUNED_PLAN)]
+            write_plugin(root, "nxdt-toyv1", "nxdt_toyv1", "toyv1", V1_FAMILY),
+            write_plugin(root, "nxdt-future", "nxdt_future", "future", NEWER_API),
+            write_plugin(root, "nxdt-tunedplan", "nxdt_tunedplan", "tunedplan", TUNED_PLAN)]
     subprocess.run([*PIP, *map(str, pkgs)], check=True, capture_output=True, timeout=300)
     importlib.invalidate_caches()
     yield root
@@ -216,7 +197,8 @@ def test_docs_qwen2_plugin_trains_with_engine_recipes_under_tp_and_pp(installed,
                "trainer.max_steps=12", f"exp_manager.explicit_log_dir={tmp_path / 'sft'}", "trainer.limit_test_batches=0",
                env={"TUNED_PLAN_MARKER": str(marker)})
     assert sft.returncode == 0, sft.stdout[-2000:] + sft.stderr[-3000:]
-    assert marker.read_text().splitlines() == ["tp=2", "tp=2"]  # each TP rank's training path asked the override
+    applied = sorted(line for line in marker.read_text().splitlines() if line.startswith("apply"))
+    assert applied == ["apply rank=0 tp=2", "apply rank=1 tp=2"]  # each TP rank's training path used the override
     pre = nxdt("run", "qwen2-tiny", "--recipe", "pretrain", "--nproc-per-node", "2",
                "distributed_strategy.pipeline_model_parallel_size=2", "trainer.max_steps=12",
                f"exp_manager.explicit_log_dir={tmp_path / 'pre'}")

@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from plugin_packages import write_plugin as _write_plugin
 
 from nxdt import hookspecs
 from nxdt.plugin_host import PluginHost
@@ -22,33 +22,6 @@ NXDT = [sys.executable, "-m", "nxdt.cli.main"]
 def nxdt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process (so new entry points are seen)."""
     return subprocess.run([*NXDT, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
-
-
-def _write_plugin(root: Path, dist: str, module: str, entry: str, body: str) -> Path:
-    pkg = root / dist
-    (pkg / module).mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text(
-        textwrap.dedent(
-            f"""
-            [build-system]
-            requires = ["setuptools"]
-            build-backend = "setuptools.build_meta"
-
-            [project]
-            name = "{dist}"
-            version = "0.3.1"
-
-            [project.entry-points."nxdt.plugins"]
-            {entry} = "{module}.plugin"
-
-            [tool.setuptools]
-            packages = ["{module}"]
-            """
-        )
-    )
-    (pkg / module / "__init__.py").write_text("")
-    (pkg / module / "plugin.py").write_text(textwrap.dedent(body))
-    return pkg
 
 
 GOOD = """

@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from nxdt.modeling.mlp import GATED
 from nxdt.modeling.moe import MoEConfig, as_moe_config
 
 #: MLP activations the kit implements; the gated ones (``*glu``) have a gate and an up projection.
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu")
-GATED = ("swiglu", "geglu")
 NORMS = ("rmsnorm", "layernorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")

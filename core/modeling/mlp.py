@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nxdt.modeling.config import GATED
-
-_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+#: activations with a gate and an up projection
+GATED = ("swiglu", "geglu")
+#: activation name -> function (gated ones apply it to the gate)
+ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swiglu": F.silu,
     "silu": F.silu,
     "geglu": F.gelu,
@@ -38,9 +39,9 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if activation not in _ACT:
-            raise ValueError(f"unknown activation {activation!r}; one of {', '.join(_ACT)}")
-        self.act = _ACT[activation]
+        if activation not in ACTIVATION_FUNCTIONS:
+            raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATION_FUNCTIONS)}")
+        self.act = ACTIVATION_FUNCTIONS[activation]
         self.gated = activation in GATED
         self.fused = fused_gate_up and self.gated
         self.dropout = dropout

@@ -24,7 +24,6 @@ per-layer mean keeps each stage's layers independent and equals it for one layer
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nxdt.modeling.mlp import ACTIVATION_FUNCTIONS
 from nxdt.modeling.moe_routing import Routing, capacity, load_balancing_loss, route, within_capacity, z_loss
 
 ROUTING_ALGORITHMS = ("top_k", "sinkhorn")
@@ -176,14 +176,6 @@ def local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "swiglu": F.silu,
-    "silu": F.silu,
-    "geglu": F.gelu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 class GroupedExperts(nn.Module):
@@ -191,9 +183,9 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str, dropout: float = 0.0):
         super().__init__()
-        if activation not in _ACT:
-            raise ValueError(f"unknown activation {activation!r}; one of {', '.join(_ACT)}")
-        self.act = _ACT[activation]
+        if activation not in ACTIVATION_FUNCTIONS:
+            raise ValueError(f"unknown activation {activation!r}; one of {', '.join(ACTIVATION_FUNCTIONS)}")
+        self.act = ACTIVATION_FUNCTIONS[activation]
         self.gated = activation in ("swiglu", "geglu")
         self.dropout = dropout
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
