@@ -98,10 +98,9 @@ def test_impossible_splits_explain_themselves(n_stages, cuts, message):
 
 
 def test_stage_views_share_parameters_and_keep_names():
+    from nxdt.modeling import build_transformer as build_model
     from nxdt.parallel.pipeline import StagePlan, prune_to_rank, stage_views
     from nxdt_llama.plugin import LlamaConfig
-
-    from nxdt.modeling import build_transformer as build_model
 
     model = build_model(LlamaConfig(vocab_size=32, hidden_size=8, num_layers=4, num_attention_heads=2,
                                     num_kv_heads=1, ffn_hidden_size=16, tie_word_embeddings=True))
