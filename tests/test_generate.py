@@ -165,3 +165,40 @@ def test_generate_refuses_a_masked_lm(capsys):
 
     assert main(["generate", "bert-tiny", "--prompt", "x"]) == 1
     assert "decodes causal language models; the bert family's task is masked_lm" in capsys.readouterr().err
+
+
+def _tp_generate_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a TP=2 model (the engine's sharding, KV heads replicated) decoding with the cache."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nxdt.parallel.kv_replication import kv_replication_factor, replicate_kv_
+    from nxdt.parallel.tensor_parallel import apply_tensor_parallel
+    from nxdt.specs import ParallelDims
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        spec, cfg, model = _model("llama")
+        expected = generate(model, PROMPTS, 12, [EOS], PAD)
+        plan = spec.shard_plan(cfg, ParallelDims(tp=world))
+        replicas = kv_replication_factor(cfg.num_kv_heads, cfg.num_attention_heads, world)
+        replicate_kv_(model, tuple(plan.kv_projections), cfg.num_kv_heads, replicas)
+        apply_tensor_parallel(model, plan, init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)), False)
+        got = generate(model, PROMPTS, 12, [EOS], PAD)
+        if rank == 0:
+            torch.save({"expected": expected, "got": got}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cached_decoding_under_tensor_parallelism_equals_one_process(tmp_path):
+    """Each TP rank caches its own heads: two gloo ranks decode the tokens one process decodes."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "result.pt"
+    mp.start_processes(_tp_generate_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2,
+                       start_method="spawn")
+    result = torch.load(out)
+    assert result["got"] == result["expected"]
