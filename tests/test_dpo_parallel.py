@@ -53,12 +53,13 @@ def references(tmp_path_factory, val_file) -> dict[tuple[str, bool], dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("job", list(JOBS))
 def test_preference_parity(job, distributed, references):
-    """Each layout's 4 training losses and its validation loss and reward metrics match one process within 1e-5."""
+    """Each layout's 4 training losses (and its validation loss and reward metrics) match one process within 1e-5."""
     ref, got = references[REFERENCE[job]], distributed[job]
     assert len(got["losses"]) == len(ref["losses"]) == 4
     diff = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
-    val_diff = max(abs(got["val"][k] - ref["val"][k]) for k in ref["val"])
-    print(f"{job}: max loss difference {diff:.2e}, validation metrics {val_diff:.2e}")
+    # validation metrics relative to their size (summed log-probs are ~20 nats)
+    val_diff = max(abs(got["val"][k] - ref["val"][k]) / max(1.0, abs(ref["val"][k])) for k in ref["val"])
+    print(f"{job}: max loss difference {diff:.2e}, validation metrics (relative) {val_diff:.2e}")
     assert diff <= TOL and val_diff <= TOL, (job, diff, val_diff)
     assert set(got["val"]) == set(ref["val"]) and "val_rewards/accuracies" in got["val"]
     if "lora" in job:  # the reference is the adapters-disabled policy: no second model
