@@ -56,4 +56,5 @@ def _preset(name: str, entry: dict[str, Any], source: str) -> PresetSpec:
         defaults=dict(entry.get("defaults", {})),
         description=entry.get("description", ""),
         source=source,
+        recipe_defaults={k: dict(v) for k, v in entry.get("recipe_defaults", {}).items()},
     )

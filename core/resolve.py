@@ -89,6 +89,8 @@ def resolve(
             layers.append(dict(recipe_spec.defaults))
         if preset.defaults:
             layers.append(dict(preset.defaults))
+        if recipe_spec and recipe_spec.name in preset.recipe_defaults:
+            layers.append(dict(preset.recipe_defaults[recipe_spec.name]))
     config = compose(layers, overrides)
     hf_path = hf_config_path(config)
     if preset and hf_path:

@@ -165,6 +165,9 @@ class PresetSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str = "hub_registry.toml"
+    #: recipe name -> a config layer applied after ``defaults`` when that recipe runs (a tiny preset's
+    #: settings that only make sense for one recipe, such as ORPO's beta for the embedded demo)
+    recipe_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -178,3 +178,10 @@ def test_test_dir_is_the_evaluation_set(tmp_path):
     assert len(evaluation_rows(half)) == 5
     none = resolve("llama3-tiny", "sft", [f"data.test_dir={rows}", "trainer.limit_test_batches=0"]).config
     assert evaluation_rows(none) == []
+
+
+def test_preset_recipe_defaults_apply_to_their_recipe_only():
+    """llama3-tiny's embedded ORPO demo raises beta for the orpo recipe; a full-size preset keeps TRL's 0.1."""
+    assert resolve("llama3-tiny", "orpo").config.model_alignment_strategy.orpo.beta == 2.0
+    assert resolve("llama3-8b", "orpo").config.model_alignment_strategy.orpo.beta == 0.1
+    assert resolve("llama3-tiny", "sft").config.model_alignment_strategy.orpo is None
