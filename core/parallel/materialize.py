@@ -137,17 +137,14 @@ def init_sharded(model: Any, spec: Any, arch: Any, seed: int) -> None:
     def values_for(name: str, key: str, p: nn.Parameter, empties: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         module_name, _, pname = name.rpartition(".")
         module = modules[module_name]
-        out = {}
-        for saved_key, empty in empties.items():
-            if roles.get(name) == "adapter":
-                def draw(shape: tuple[int, ...], generator: torch.Generator, _p: str = pname) -> torch.Tensor:
-                    return lora_init(_p, shape, generator)
-            else:
-                def draw(shape: tuple[int, ...], generator: torch.Generator, _m: nn.Module = module,
-                         _p: str = pname) -> torch.Tensor:
-                    return spec.init_parameter(_m, _p, shape, arch, generator)
-            out[saved_key] = draw_local(draw, seed, saved_key, empty)
-        return out
+        adapter = roles.get(name) == "adapter"
+
+        def draw(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+            if adapter:
+                return lora_init(pname, shape, generator)
+            return spec.init_parameter(module, pname, shape, arch, generator)
+
+        return {saved_key: draw_local(draw, seed, saved_key, empty) for saved_key, empty in empties.items()}
 
     _fill(model, portable, values_for, presliced=True)
     for module in model.trainable_module.modules():
