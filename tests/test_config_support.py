@@ -92,15 +92,28 @@ def llama_config_json(tmp_path_factory) -> Path:
     return path
 
 
-def test_upstream_lora_yaml_is_refused_until_lora_exists(llama_config_json):
-    """hf_llama3_8B_SFT_lora_config.yaml used to run a full fine-tune; now it is refused with one line."""
+def test_upstream_lora_yaml_plans_lora(llama_config_json):
+    """hf_llama3_8B_SFT_lora_config.yaml once ran a full fine-tune; its dry run now states LoRA on the fused qkv
+    projection, and the memory plan holds no gradients or optimizer state for the frozen base."""
     target = ANCHORS / "hf_llama3_8B_SFT_lora_config.yaml"
     if not target.is_file():
         pytest.skip("anchor configs not present")
-    line = _one_line_error("run", str(target), "--dry-run", f"model.model_config={llama_config_json}",
-                           "distributed_strategy.tensor_model_parallel_size=1", "trainer.devices=1",
-                           "distributed_strategy.kv_replicator=1")
-    assert "model_alignment_strategy.peft" in line and "LoRA is not available yet" in line
+    from multirank import embedded_data_overrides
+
+    shape = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_kv_heads=2",
+             "model.ffn_hidden_size=128", "model.encoder_seq_length=64", "model.max_position_embeddings=128",
+             "data.seq_length=64"]
+    res = subprocess.run([*ENV_CMD, "run", str(target), "--dry-run", "--json", f"model.model_config={llama_config_json}",
+                          "distributed_strategy.tensor_model_parallel_size=1", "trainer.devices=1",
+                          "distributed_strategy.kv_replicator=1", *shape, *embedded_data_overrides()],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["peft"].startswith("LoRA r=16 alpha=32 dropout=0.05 bias=none on qkv_proj")
+    (rank,) = out["memory_plan"]["ranks"]
+    # q/k/v adapters of 2 layers, r x (in + out) each, are all the optimizer sees
+    assert rank["trainable"] == 2 * 16 * ((64 + 64) + (64 + 32) + (64 + 32)) < rank["parameters"]
+    assert rank["gradients_gib"] < rank["weights_gib"] / 10
 
 
 @pytest.mark.parametrize(

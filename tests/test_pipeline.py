@@ -65,7 +65,7 @@ def test_tied_embeddings_stay_identical_across_stages(distributed):
 
 # -- the stage split ----------------------------------------------------------------------------
 def test_balanced_split_counts_embedding_and_head():
-    from nxdt.parallel.pipeline import split_blocks
+    from nxdt.parallel.stage_split import split_blocks
 
     blocks = [f"layers.{i}" for i in range(6)]
     assert [len(s) for s in split_blocks(blocks, 4)] == [1, 2, 2, 1]
@@ -74,7 +74,7 @@ def test_balanced_split_counts_embedding_and_head():
 
 
 def test_cuts_accept_hf_and_nxdt_names():
-    from nxdt.parallel.pipeline import split_blocks
+    from nxdt.parallel.stage_split import split_blocks
 
     blocks = [f"layers.{i}" for i in range(4)]
     assert split_blocks(blocks, 2, ["model.layers.0"]) == [["layers.0"], ["layers.1", "layers.2", "layers.3"]]
@@ -91,7 +91,7 @@ def test_cuts_accept_hf_and_nxdt_names():
     ],
 )
 def test_impossible_splits_explain_themselves(n_stages, cuts, message):
-    from nxdt.parallel.pipeline import split_blocks
+    from nxdt.parallel.stage_split import split_blocks
 
     with pytest.raises(ConfigError, match=message):
         split_blocks([f"layers.{i}" for i in range(4)], n_stages, cuts)

@@ -285,6 +285,13 @@ def print_dry_run(resolved, parallel, world_size: int, nproc: int, nnodes: str, 
         "max_steps": cfg.trainer.max_steps,
         "unused_keys": cfg.unused_keys(backend="torch"),
     }
+    peft = cfg.model_alignment_strategy.peft if cfg.model_alignment_strategy else None
+    if peft is not None:
+        from nxdt.peft.lora import LoRASettings
+
+        lora = LoRASettings.for_family(peft, resolved.spec)
+        summary["peft"] = (f"LoRA r={lora.rank} alpha={lora.alpha:g} dropout={lora.dropout:g} bias={lora.bias} on "
+                           f"{', '.join(lora.targets)}: the adapters train, the base weights are frozen")
     from nxdt.plan import lines, machine_plan
 
     plan = machine_plan(resolved, world_size, nproc)  # the memory plan the fit check judged, on this machine

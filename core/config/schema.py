@@ -55,6 +55,14 @@ class CheckpointCallbackParams(Section):
     # False: they do not, and a resume takes the saved bf16 weights as the master
     use_master_weights_in_ckpt: bool | None = None
 
+    def saves_last_step(self) -> bool:
+        """``save_last``, which counts as true when the config leaves it unset (NeMo's exp_manager default)."""
+        return self.save_last if "save_last" in self.model_fields_set else True
+
+    def saves_any(self) -> bool:
+        """Whether these settings write any checkpoint: every N steps, every T seconds, or at the end."""
+        return bool(self.every_n_train_steps or self.train_time_interval or self.saves_last_step())
+
 
 class ExpManagerSection(Section):
     """``exp_manager``: run directory, loggers, checkpointing and resume."""

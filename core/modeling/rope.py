@@ -36,7 +36,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None = None):
         super().__init__()
         self.rotary_dim, self.max_positions, self.theta, self.scaling = rotary_dim, max_positions, theta, scaling
-        cos, sin = self._tables(device=None)
+        if torch.empty(0).is_meta:  # a meta build needs shapes only; arange on meta imports the compiler stack (~1.5 s)
+            cos, sin = torch.empty(max_positions, rotary_dim), torch.empty(max_positions, rotary_dim)
+        else:
+            cos, sin = self._tables(device=None)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

@@ -146,8 +146,7 @@ def _add_lora(model: nn.Module, ctx: RunContext) -> dict[str, str]:
     from nxdt.peft.lora import LoRASettings, adapter_roles, count_parameters, inject_lora, target_globs
 
     peft = ctx.cfg.model_alignment_strategy.peft  # type: ignore[union-attr]
-    default = ("qkv_proj",) if "qkv_proj" in ctx.spec.peft_targets else tuple(sorted(ctx.spec.peft_targets))[:1]
-    settings = LoRASettings.from_section(peft, default)
+    settings = LoRASettings.for_family(peft, ctx.spec)
     adapted = inject_lora(model, target_globs(ctx.spec, settings.targets), settings, ctx.cfg.seed)
     if peft.lora_verbose and ctx.world.is_main:
         trainable, total = count_parameters(model)

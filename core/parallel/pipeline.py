@@ -32,71 +32,11 @@ from torch.distributed.tensor import DTensor
 from nxdt.errors import ConfigError, NxdtError
 from nxdt.parallel.grad_norm import align_grad_
 from nxdt.parallel.model import ParallelModel, StepStats, model_inputs
+from nxdt.parallel.stage_split import split_blocks
 from nxdt.specs import LossOutput
 
-#: pipeline cost of the input embedding and of the LM head, in decoder layers (torchtitan's default)
-EMBEDDING_COST = 1
-HEAD_COST = 1
 #: schedules that place stage s and its mirror 2 * pp - 1 - s on one rank, unlike nxdt's loop placement
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")
-
-
-# -- the split -------------------------------------------------------------------------------------
-def split_blocks(blocks: Sequence[str], n_stages: int, cuts: Sequence[str] | None = None) -> list[list[str]]:
-    """The blocks of each stage: after each of ``cuts`` (NxDT semantics), else balanced by cost."""
-    blocks = list(blocks)
-    if len(blocks) < n_stages:
-        raise ConfigError(
-            f"pipeline: {len(blocks)} layers cannot fill {n_stages} stages (pipeline_model_parallel_size x "
-            f"virtual_pipeline_model_parallel_size); every stage needs at least one layer"
-        )
-    if cuts:
-        ends = [_cut_index(blocks, cut) for cut in cuts]
-        if len(ends) != n_stages - 1:
-            raise ConfigError(
-                f"model.pipeline_cuts: {len(ends)} cuts make {len(ends) + 1} stages, but the layout has "
-                f"{n_stages} (pipeline_model_parallel_size x virtual_pipeline_model_parallel_size); give {n_stages - 1}"
-            )
-        if ends != sorted(set(ends)) or ends[-1] >= len(blocks) - 1:
-            raise ConfigError(
-                f"model.pipeline_cuts {list(cuts)}: cuts must name strictly increasing layers before the last "
-                f"({blocks[-1]}); each names the last layer of its stage"
-            )
-    else:
-        ends = _balanced_ends(len(blocks), n_stages)
-    starts = [0, *(e + 1 for e in ends)]
-    return [blocks[a:b] for a, b in zip(starts, [*starts[1:], len(blocks)])]
-
-
-def _cut_index(blocks: list[str], cut: str) -> int:
-    """Position of ``cut`` in ``blocks``; NxDT's HF names (``model.layers.18``) map to nxdt's (``layers.18``)."""
-    for name in (cut, cut.removeprefix("model.")):
-        if name in blocks:
-            return blocks.index(name)
-    raise ConfigError(f"model.pipeline_cuts: {cut!r} names no layer; layers are {blocks[0]} .. {blocks[-1]}")
-
-
-def _balanced_ends(n_layers: int, n_stages: int) -> list[int]:
-    """Last layer index of each stage but the last, minimising the costliest stage (ties: earlier cuts)."""
-
-    def cost(stage: int, first: int, last: int) -> int:
-        extra = (EMBEDDING_COST if stage == 0 else 0) + (HEAD_COST if stage == n_stages - 1 else 0)
-        return last - first + 1 + extra
-
-    # Contiguous min-max partition by dynamic programming: (stage, its last layer) -> (worst cost, cuts).
-    table: dict[tuple[int, int], tuple[int, list[int]]] = {}
-    for end in range(n_layers):
-        table[(0, end)] = (cost(0, 0, end), [])
-    for stage in range(1, n_stages):
-        for end in range(stage, n_layers):
-            options = []
-            for prev in range(stage - 1, end):
-                if (stage - 1, prev) in table:
-                    worst, ends = table[(stage - 1, prev)]
-                    options.append((max(worst, cost(stage, prev + 1, end)), [*ends, prev]))
-            if options:
-                table[(stage, end)] = min(options, key=lambda o: o[0])
-    return table[(n_stages - 1, n_layers - 1)][1]
 
 
 # -- stage modules ---------------------------------------------------------------------------------
@@ -271,7 +211,9 @@ class PipelineModel(ParallelModel):
     # -- forward, backward and loss ------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Not available: under pipeline parallelism no rank holds the whole model."""
-        raise NxdtError("pipeline parallelism: the whole-model forward is unavailable; use forward_backward/forward_loss")
+        raise NxdtError(
+            "pipeline parallelism: the whole-model forward is unavailable; use forward_backward/forward_loss"
+        )
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """No model-level auxiliary loss crosses stages; layers attach theirs to the activations (kit MoE)."""
@@ -288,14 +230,18 @@ class PipelineModel(ParallelModel):
         self._step["outs"].append(out)
         return out.loss * self._step["scale"]
 
-    def _run(self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, scale: Any, train: bool) -> StepStats:
+    def _run(
+        self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, scale: Any, train: bool
+    ) -> StepStats:
         """One schedule pass over ``micro_batches``; the sums are handed to every pipeline rank."""
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in micro_batches[0]}
         input_ids = batch["input_ids"]
         kwargs = model_inputs(batch, [k for k in self.inputs if k != "input_ids"])
         if "position_ids" in self.inputs and "position_ids" not in kwargs:
             # Every stage needs positions (RoPE, masks); the schedule splits them like the inputs.
-            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
+                input_ids
+            )
         self._step = {"objective": objective, "scale": scale, "outs": [], "batch": batch}
         run = self.schedule.step if train else self.schedule.eval
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -323,24 +269,36 @@ class PipelineModel(ParallelModel):
         dist.all_gather_object(every, sorted(stats.metrics), group=self.pp_group)
         names = sorted({n for part in every for n in part})
         device = stats.loss.device
-        flat = torch.cat([stats.loss.reshape(1).float()] + [stats.metrics.get(n, torch.zeros(2, device=device)) for n in names])
+        flat = torch.cat(
+            [stats.loss.reshape(1).float()]
+            + [stats.metrics.get(n, torch.zeros(2, device=device)) for n in names]
+        )
         dist.all_reduce(flat, group=self.pp_group)
         return StepStats(flat[0], {n: flat[1 + 2 * i : 3 + 2 * i] for i, n in enumerate(names)})
 
-    def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, scale: float | torch.Tensor,
-                         autocast: Callable[[], Any], aux_scale: float = 1.0) -> StepStats:
+    def forward_backward(
+        self,
+        micro_batches: list[dict[str, torch.Tensor]],
+        objective: Any,
+        scale: float | torch.Tensor,
+        autocast: Callable[[], Any],
+        aux_scale: float = 1.0,
+    ) -> StepStats:
         """Run the step's micro-batches through the training schedule; returns this DP rank's sums."""
         self.set_aux_loss_scale(aux_scale)
         with autocast():
             return self._run(micro_batches, objective, scale, train=True)
 
     @torch.no_grad()
-    def forward_loss(self, micro_batches: list[dict[str, torch.Tensor]], objective: Any,
-                     autocast: Callable[[], Any]) -> tuple[StepStats, torch.Tensor]:
+    def forward_loss(
+        self, micro_batches: list[dict[str, torch.Tensor]], objective: Any, autocast: Callable[[], Any]
+    ) -> tuple[StepStats, torch.Tensor]:
         """Forward-only schedule passes over ``micro_batches`` (a multiple of n_microbatches): sums and units."""
         n = self.n_microbatches
         if len(micro_batches) % n:
-            raise NxdtError(f"pipeline validation: {len(micro_batches)} micro-batches are not a multiple of {n}")
+            raise NxdtError(
+                f"pipeline validation: {len(micro_batches)} micro-batches are not a multiple of {n}"
+            )
         total: StepStats | None = None
         with autocast():
             for i in range(0, len(micro_batches), n):
@@ -356,15 +314,23 @@ class PipelineModel(ParallelModel):
         return total, units
 
     @torch.no_grad()
-    def forward_rows(self, micro_batches: list[dict[str, torch.Tensor]], fn: Callable[[Any, Any], torch.Tensor],
-                     autocast: Callable[[], Any]) -> list[torch.Tensor]:
+    def forward_rows(
+        self,
+        micro_batches: list[dict[str, torch.Tensor]],
+        fn: Callable[[Any, Any], torch.Tensor],
+        autocast: Callable[[], Any],
+    ) -> list[torch.Tensor]:
         """Per-row values computed on the last stage, then broadcast to every pipeline rank."""
         capture = _RowCapture(fn)
         self.forward_loss(micro_batches, capture, autocast)
         sizes = [mb["input_ids"].shape[0] for mb in micro_batches]
         device = micro_batches[0]["input_ids"].device
         # The last stage saw the micro-batches in order (its last calls); the other ranks receive them.
-        flat = torch.cat(capture.rows[-len(micro_batches):]) if self.has_last else torch.zeros(sum(sizes), device=device)
+        flat = (
+            torch.cat(capture.rows[-len(micro_batches) :])
+            if self.has_last
+            else torch.zeros(sum(sizes), device=device)
+        )
         dist.broadcast(flat, src=dist.get_global_rank(self.pp_group, self.pp - 1), group=self.pp_group)
         return list(flat.split(sizes))
 
@@ -409,7 +375,9 @@ def plan_pipeline(model: nn.Module, ctx: Any) -> StagePlan:
     layout = split_blocks(blocks, n_stages, cfg.model.pipeline_cuts)
     container, first_only, last_only = _placement(model, blocks)
     stage_ids = list(range(mesh["pp"].get_local_rank(), n_stages, parallel.pp))
-    return StagePlan(layout, stage_ids, container, first_only, last_only, _tied_names(model), _tied_aliases(model))
+    return StagePlan(
+        layout, stage_ids, container, first_only, last_only, _tied_names(model), _tied_aliases(model)
+    )
 
 
 def _tied_names(model: nn.Module) -> list[str]:
@@ -425,6 +393,8 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         first.setdefault(id(p), name)
-    return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if name != first[id(p)]}
-
-
+    return {
+        name: first[id(p)]
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if name != first[id(p)]
+    }

@@ -48,6 +48,12 @@ class LoRASettings:
         targets = tuple(peft.target_modules) if peft.target_modules else tuple(default_targets)
         return cls(int(peft.lora_rank), float(peft.lora_alpha), float(peft.lora_dropout), str(peft.lora_bias), targets)
 
+    @classmethod
+    def for_family(cls, peft: Any, spec: Any) -> LoRASettings:
+        """From the config section, defaulting to the family's fused ``qkv_proj`` (NxDT's default) or its first target."""
+        default = ("qkv_proj",) if "qkv_proj" in spec.peft_targets else tuple(sorted(spec.peft_targets))[:1]
+        return cls.from_section(peft, default)
+
 
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a low-rank update; ``adapters_enabled=False`` gives the base model's output."""

@@ -136,6 +136,7 @@ class RankMemory:
         return {
             "pp_rank": self.pp_rank,
             "parameters": self.parameters,
+            "trainable": self.trainable,
             "weights_gib": g(self.weights / GIB, 3),
             "gradients_gib": g(self.gradients / GIB, 3),
             "optimizer_state_gib": g(self.optimizer_state / GIB, 3),

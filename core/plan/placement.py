@@ -226,7 +226,7 @@ def place(snapshot: ModelSnapshot, parallel: Any, plan: Any, arch: Any, cuts: Se
     n_stages = parallel.pp * parallel.vpp
     key = ("split", n_stages, tuple(cuts or ()))
     if key not in snapshot._cache:
-        from nxdt.parallel.pipeline import split_blocks
+        from nxdt.parallel.stage_split import split_blocks
 
         snapshot._cache[key] = split_blocks(snapshot.blocks, n_stages, cuts) if parallel.pp > 1 else [list(snapshot.blocks)]
     layout = snapshot._cache[key]

@@ -115,8 +115,7 @@ def snapshot_of(run: Any, host: Any = None, model: Any = None) -> ModelSnapshot:
         model = copy.deepcopy(model)  # the caller's meta model is parallelized later, LoRA added there
 
         spec = run.spec
-        default = ("qkv_proj",) if "qkv_proj" in spec.peft_targets else tuple(sorted(spec.peft_targets))[:1]
-        settings = LoRASettings.from_section(peft, default)
+        settings = LoRASettings.for_family(peft, spec)
         with torch.device("meta"):
             inject_lora(model, target_globs(spec, settings.targets), settings, run.config.seed)
     blocks = run.spec.pipeline_blocks(run.arch) if run.spec.pipeline_blocks else []
@@ -155,8 +154,6 @@ def layout_of(run: Any, world_size: int | None = None) -> Layout:
 
 def facts_of(run: Any, device_is_cpu: bool) -> Facts:
     """The run facts a plan reads from ``run``'s config."""
-    from nxdt.train.checkpointing import saves_last
-
     cfg = run.config
     precision = cfg.precision.resolved(cfg.model.optim.name)
     alignment = cfg.model_alignment_strategy
@@ -167,8 +164,7 @@ def facts_of(run: Any, device_is_cpu: bool) -> Facts:
     reference = dpo is not None and peft is None and not getattr(dpo, "precompute_ref_log_probs", False)
     em = cfg.exp_manager
     params = em.checkpoint_callback_params
-    saving = bool(em.create_checkpoint_callback) and bool(
-        params.every_n_train_steps or params.train_time_interval or saves_last(params))
+    saving = bool(em.create_checkpoint_callback) and params.saves_any()
     recipe = run.recipe
     masked = bool(cfg.data.reset_position_ids) or (recipe is not None and recipe.dataset != "pretrain")
     return Facts(

@@ -55,11 +55,6 @@ def checkpoint_root(cfg: Any, run_dir: Any) -> str:
     return cfg.exp_manager.checkpoint_dir or os.path.join(str(run_dir), "checkpoints")
 
 
-def saves_last(params: Any) -> bool:
-    """``save_last``, which counts as true when the config leaves it unset (NeMo's exp_manager default)."""
-    return bool(params.save_last) if "save_last" in params.model_fields_set else True
-
-
 class Checkpointer:
     """Saves, retains and resumes the trainer's checkpoints (every rank holds one)."""
 
@@ -77,8 +72,7 @@ class Checkpointer:
         self.run_id: str = self._agree(lambda: run_id(self.run_dir))
         self.pattern = name_pattern(self.params.filename)
         p = self.params
-        self.saving = bool(em.create_checkpoint_callback) and bool(
-            p.every_n_train_steps or p.train_time_interval or saves_last(p))
+        self.saving = bool(em.create_checkpoint_callback) and p.saves_any()
         self.keep = p.save_top_k if p.save_top_k != 0 else 1
         self._last_saved_step: int | None = None
         self._last_save_time = time.monotonic()
@@ -166,7 +160,7 @@ class Checkpointer:
         step, p = self.trainer.state.step, self.params
         if not self.saving or step == self._last_saved_step:
             return False
-        if final and saves_last(p):
+        if final and p.saves_last_step():
             return True
         if p.every_n_train_steps and step % p.every_n_train_steps == 0:
             return True
