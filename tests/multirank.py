@@ -72,7 +72,7 @@ def run_jobs(
     """
     import torch
 
-    from nxdt.parallel.world import init_world
+    from nxdt.parallel.world import init_world, leave_process_group
 
     sep = argv.index("--") if "--" in argv else len(argv)
     out_dir, names, shared = Path(argv[0]), argv[1:sep] or default or list(jobs), argv[sep + 1 :]
@@ -83,7 +83,7 @@ def run_jobs(
         if world.rank == 0:
             (out_dir / f"{name}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def train_job(world: Any, overrides: list[str], run_dir: Path) -> Any:

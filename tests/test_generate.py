@@ -174,6 +174,7 @@ def _tp_generate_worker(rank: int, world: int, store: str, out: str) -> None:
 
     from nxdt.parallel.kv_replication import kv_replication_factor, replicate_kv_
     from nxdt.parallel.tensor_parallel import apply_tensor_parallel
+    from nxdt.parallel.world import leave_process_group
     from nxdt.specs import ParallelDims
 
     torch.set_num_threads(1)
@@ -189,7 +190,7 @@ def _tp_generate_worker(rank: int, world: int, store: str, out: str) -> None:
         if rank == 0:
             torch.save({"expected": expected, "got": got}, out)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 @pytest.mark.slow

@@ -433,6 +433,9 @@ def test_job_failure_names_the_first_failing_rank(tmp_path):
     failures = {0: death(1, 101), 2: death(-9, 100), 3: death(1, 100)}
     err = job_failure(failures, str(tmp_path), watchdog)
     assert str(err) == "rank 2 (pid 4242) was killed by SIGKILL" and err.exit_code == 137
+    # Rank 1 aborts and the launcher then stops rank 0 with SIGTERM, in the same second: rank 1 is named.
+    aborted = job_failure({0: death(-15, 100), 1: death(-6, 100)}, str(tmp_path / "none"), watchdog)
+    assert str(aborted) == "rank 1 (pid 4242) was killed by SIGABRT" and aborted.exit_code == 134
     report(1, 100.2, "disk is on fire", 5)
     err = job_failure(failures, str(tmp_path), watchdog)
     assert str(err) == "rank 1: disk is on fire" and err.exit_code == 5

@@ -252,7 +252,10 @@ def job_failure(failures: dict[int, Any], status_dir: str, watchdog: Watchdog) -
     reported = {r["rank"] for r in reports}
     deaths = sorted(((rank, f) for rank, f in failures.items() if rank not in reported),
                     key=lambda item: (item[1].timestamp, item[0]))
-    killed = [(rank, f) for rank, f in deaths if f.exitcode < 0]
+    # The launcher stops the surviving ranks with SIGTERM: a rank that died of another signal
+    # (SIGABRT, SIGSEGV, an OOM SIGKILL) is the cause even when its death is stamped in the same second.
+    stopped = (-signal.SIGTERM,)
+    killed = sorted(((rank, f) for rank, f in deaths if f.exitcode < 0), key=lambda item: item[1].exitcode in stopped)
     if killed or deaths:
         rank, f = (killed or deaths)[0]
         if f.exitcode < 0:

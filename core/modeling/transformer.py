@@ -75,10 +75,13 @@ class TransformerBlock(nn.Module):
         kv_cache: LayerKV | None = None,
     ) -> torch.Tensor:
         """Run the block on ``x`` ``[batch, seq, hidden]`` (``kv_cache``: incremental decoding)."""
+        # The cache goes by keyword and only when decoding, so a plugin's attention written before
+        # incremental decoding existed (forward(x, cos, sin, attn_mask)) keeps training.
+        extra = {"kv_cache": kv_cache} if kv_cache is not None else {}
         if self.post_norm:
-            h = self.attention_norm(x + self._drop(self.attention(x, cos, sin, attn_mask, kv_cache)))
+            h = self.attention_norm(x + self._drop(self.attention(x, cos, sin, attn_mask, **extra)))
             return self.ffn_norm(h + self._drop(self.feed_forward(h)))
-        h = x + self._drop(self.attention(self.attention_norm(x), cos, sin, attn_mask, kv_cache))
+        h = x + self._drop(self.attention(self.attention_norm(x), cos, sin, attn_mask, **extra))
         return h + self._drop(self.feed_forward(self.ffn_norm(h)))
 
 

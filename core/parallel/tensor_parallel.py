@@ -13,11 +13,10 @@ import fnmatch
 from typing import Any
 
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
-    PrepareModuleInput,
     PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
@@ -80,7 +79,7 @@ def _block_inputs(model: nn.Module, plan: dict[str, str]) -> dict[str, ParallelS
     """Under SP, all-gather the sequence at the entry of every module whose children are colwise.
 
     A colwise child (attention's wq, the MLP's w1) needs the whole sequence; its parent module is
-    where the sequence-sharded residual enters, so that parent gets a PrepareModuleInput that turns
+    where the sequence-sharded residual enters, so that parent gets a GatherSequenceInput that turns
     the first positional input from Shard(1) into Replicate and leaves the rest (rope tables, mask) alone.
     """
     parents: dict[str, ParallelStyle] = {}
@@ -90,19 +89,26 @@ def _block_inputs(model: nn.Module, plan: dict[str, str]) -> dict[str, ParallelS
         parent = child.rpartition(".")[0]
         if not parent or parent in parents:
             continue
-        n_inputs = _positional_inputs(model.get_submodule(parent))
-        parents[parent] = PrepareModuleInput(
-            input_layouts=(Shard(1),) + (None,) * (n_inputs - 1),
-            desired_input_layouts=(Replicate(),) + (None,) * (n_inputs - 1),
-        )
+        parents[parent] = GatherSequenceInput()
     return parents
 
 
-def _positional_inputs(module: nn.Module) -> int:
-    import inspect
+class GatherSequenceInput(ParallelStyle):
+    """All-gather a module's first positional input from Shard(1) to Replicate; other inputs pass.
 
-    params = inspect.signature(module.forward).parameters.values()
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    Unlike PrepareModuleInput this does not fix the number of inputs, so a block may be called
+    with or without its optional arguments (the decoding cache is passed only while decoding).
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        def gather(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, device_mesh, (Shard(1),), run_check=False)
+            return (x.redistribute(placements=(Replicate(),)), *args[1:])
+
+        module.register_forward_pre_hook(gather)
+        return module
 
 
 def apply_tensor_parallel(

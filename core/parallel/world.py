@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -138,4 +139,17 @@ def dp_leader_ranks(mesh) -> list[int]:
 def shutdown(world: World) -> None:
     """Leave the process group cleanly."""
     if world.is_distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, then let gloo's worker threads finish their clean-up.
+
+    A gloo worker drops its last reference to a finished collective (and so to its tensors) just
+    after the collective completes, and that needs the GIL. If the interpreter is finalizing by
+    then, the thread is stopped inside a C++ destructor and the process aborts ("terminate called
+    without an active exception", SIGABRT) although the work was done. Sleeping releases the GIL
+    so those threads finish while the interpreter is alive.
+    """
+    dist.destroy_process_group()
+    time.sleep(0.1)

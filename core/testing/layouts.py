@@ -74,6 +74,7 @@ def _tp_worker(rank: int, world: int, store: str, ref: str, cfg: Any, sp: bool, 
 
     from nxdt.parallel.kv_replication import kv_replication_factor, replicate_kv_
     from nxdt.parallel.tensor_parallel import apply_tensor_parallel
+    from nxdt.parallel.world import leave_process_group
     from nxdt.testing.conformance import build_initialized
 
     torch.set_num_threads(1)
@@ -97,7 +98,7 @@ def _tp_worker(rank: int, world: int, store: str, ref: str, cfg: Any, sp: bool, 
         if rank == 0:
             torch.save({"diff": float((got - expected).abs().max())}, out)
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def check_tensor_parallel(spec: ModelSpec, cfg: Any, tp: int = 2, sequence_parallel: bool = True, atol: float = 1e-5) -> float:
