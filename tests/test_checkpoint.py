@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,25 +131,6 @@ def test_damaged_or_missing_shard_is_named(tmp_path, data_args, reference):
     shard.unlink()
     res = nxdt("export", str(bad), "--to", "hf", str(tmp_path / "hf"), check=False)
     assert res.returncode != 0 and "missing" in res.stderr and "__1_0.distcp" in res.stderr
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on loopback, a bucket, and the AWS variables pointing at it."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                 aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-key").create_bucket(Bucket="ckpts")
-    yield env
-    server.stop()
 
 
 def test_s3_async_save_kill_resume_and_retention(tmp_path, data_args, reference, s3_env):

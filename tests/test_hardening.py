@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -146,26 +145,6 @@ def test_pickled_items_and_shards_are_refused(tmp_path):
     with pytest.raises(NxdtError, match=rf"refusing checkpoint file {shard}/{distcp.name}: not a plain tensor file"):
         load_model_tensors(Store(str(tmp_path)), "shard")
     assert not canary.exists()
-
-
-@pytest.fixture(scope="module")
-def s3_env():
-    """A moto S3 server on loopback with a bucket; the AWS variables that point at it."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                 aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="hostile")
-    yield env
-    server.stop()
 
 
 def test_s3_resume_refuses_a_pickle_payload(base_ckpt, tmp_path, data_overrides, s3_env, monkeypatch):

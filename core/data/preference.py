@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from nxdt.data.bad_rows import BadRowReport, logger
 from nxdt.data.batch import IGNORE_INDEX
-from nxdt.data.records import expand_paths, iter_jsonl
+from nxdt.data.records import expand_paths, iter_jsonl, load_saved_split
 from nxdt.data.sft import validate_messages
 from nxdt.data.tokenizer import Tokenizer
 from nxdt.errors import NxdtError
@@ -136,17 +136,7 @@ def iter_rows(path: Path, report: BadRowReport, split: str) -> Iterator[tuple[in
 
         rows: Iterable[dict[str, Any]] = pq.read_table(path).to_pylist()
     else:
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as err:
-            raise NxdtError(f"{path} is not a datasets.save_to_disk directory: {err}") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise NxdtError(f"{path}: no split {split!r} (splits: {list(loaded)})")
-            loaded = loaded[split]
-        rows = loaded
+        rows = load_saved_split(path, split)
     for number, record in enumerate(rows, start=1):
         report.count_read(str(path))
         yield number, dict(record), "row"

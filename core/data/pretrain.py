@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from nxdt.data.bad_rows import BadRowReport
 from nxdt.data.batch import causal_item, shift_labels
-from nxdt.data.records import TEXT_SUFFIXES, expand_paths, iter_text_documents
+from nxdt.data.records import TEXT_SUFFIXES, expand_paths, iter_text_documents, load_saved_split
 from nxdt.data.tokenizer import Tokenizer
 from nxdt.errors import NxdtError
 
@@ -40,20 +40,12 @@ class HFPretrainDataset(Dataset):
     def __init__(
         self, path: str | Path, seq_length: int, split: str = "train", max_bad_fraction: float = 0.5
     ) -> None:
-        import datasets
         import pyarrow.compute as pc
 
         path = Path(path).expanduser()
         if not path.exists():
             raise NxdtError(f"dataset directory not found: {path}")
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as err:
-            raise NxdtError(f"{path} is not a datasets.save_to_disk directory: {err}") from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise NxdtError(f"{path}: no split {split!r} (splits: {list(loaded)})")
-            loaded = loaded[split]
+        loaded = load_saved_split(path, split)
         if "input_ids" not in loaded.column_names:
             raise NxdtError(f"{path}: no column 'input_ids' (columns: {loaded.column_names})")
         self.path, self.seq_length = path, seq_length

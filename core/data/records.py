@@ -138,3 +138,18 @@ def _parquet_texts(path: Path, report: BadRowReport, text_key: str) -> Iterator[
             text = text_field({text_key: value}, text_key, path, row, report, unit="row")
             if text is not None:
                 yield text
+
+
+def load_saved_split(path: Path, split: str) -> Any:
+    """One split of a ``datasets.save_to_disk`` directory (a saved Dataset is its own only split)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise NxdtError(f"{path} is not a datasets.save_to_disk directory: {err}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise NxdtError(f"{path}: no split {split!r} (splits: {list(loaded)})")
+        loaded = loaded[split]
+    return loaded

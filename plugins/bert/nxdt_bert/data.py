@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nxdt.data.batch import IGNORE_INDEX
+from nxdt.data.records import load_saved_split
 from nxdt.errors import ConfigError, NxdtError
 
 MASK_PROB = 0.15
@@ -174,16 +175,7 @@ def text_corpus(files: Sequence[Path], tokenizer: Any, max_sentence: int, text_k
 
 def hf_corpus(path: Path, split: str, tokenizer: Any, specials: SpecialTokens, max_sentence: int) -> Corpus:
     """A ``datasets.save_to_disk`` directory: one document per row, tokenized ``input_ids`` or a ``text`` column."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise NxdtError(f"{path} is not a datasets.save_to_disk directory: {err}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise NxdtError(f"{path}: no split {split!r} (splits: {list(loaded)})")
-        loaded = loaded[split]
+    loaded = load_saved_split(path, split)
     if "input_ids" in loaded.column_names:
         rows = loaded.with_format("numpy", columns=["input_ids"])
         documents: Iterator[list[np.ndarray]] = (
