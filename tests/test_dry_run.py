@@ -95,6 +95,7 @@ def test_a_model_too_big_names_a_layout_that_fits(capsys, monkeypatch):
     monkeypatch.setattr(nxdt.train.fit_check, "available_bytes", lambda device: 8 * GIB)
     err = _one_line(capsys, "run", "llama3-8b", "--recipe", "sft", "--dry-run", "--nproc-per-node", "2")
     assert "the model will not fit" in err
+    assert "each of the 2 CPU ranks on this machine has 8.0 GiB" in err  # the per-rank share, named as one
     assert "it would fit as TP" in err and "--nproc-per-node" in err
     err = _one_line(capsys, "run", "llama3-8b", "--recipe", "sft")  # the preset's TP=2 on one process
     assert "world size 1 is not divisible" in err and "--nproc-per-node 2" in err and "it would fit as TP" in err

@@ -62,6 +62,15 @@ def check_model_fits(ctx: Any, meta_model: nn.Module) -> Any:
         f"loaded rank (pipeline rank {worst.pp_rank}, peak in {phase}: weights {worst.weights / GIB:.1f}, gradients "
         f"{worst.gradients / GIB:.1f}, optimizer state {(worst.optimizer_state + worst.master_weights) / GIB:.1f}, "
         f"activations {worst.activations / GIB:.1f} GiB; {lay.label}, precision={ctx.cfg.precision.type}), but "
-        f"{ctx.world.device.type} has {free / GIB:.1f} GiB free; `nxdt plan {ctx.run.source} --search` lists layouts "
+        f"{_free_text(ctx.world.device, free)}; `nxdt plan {ctx.run.source} --search` lists layouts "
         "that fit (raise tensor/pipeline parallelism, enable zero1 or activation checkpointing, use a bf16 precision mode)"
     )
+
+
+def _free_text(device: torch.device, free: int) -> str:
+    """What ``free`` is: a GPU's free memory, or one CPU rank's share of the machine's available RAM."""
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if device.type != "cpu" or ranks == 1:
+        return f"{device.type} has {free / GIB:.1f} GiB free"
+    return (f"each of the {ranks} CPU ranks on this machine has {free / GIB:.1f} GiB "
+            f"({free * ranks / GIB:.1f} GiB available, shared)")
