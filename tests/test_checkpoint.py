@@ -151,24 +151,37 @@ def test_s3_async_save_kill_resume_and_retention(tmp_path, data_args, reference,
     assert [(c["step"], c["complete"]) for c in checkpoints(root, env=s3_env)] == [(6, True), (8, True)]
 
 
-def test_hf_import_export_round_trip(tmp_path, data_args):
-    """HF weights -> nxdt (max_steps=0 saves them) -> `nxdt export` -> transformers logits match."""
+@pytest.mark.parametrize("layout", ["fp32-1proc", "bf16-tp2-sp-kv1"])
+def test_hf_import_export_round_trip(tmp_path, data_args, layout):
+    """HF weights -> nxdt (max_steps=0 saves them) -> `nxdt export` -> transformers logits match.
+
+    The second layout reads a bf16 checkpoint into fp32 shards under TP=2 with SP and one KV head
+    replicated to both ranks: each rank slices before it casts, and the values are the bf16 ones exactly.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    sharded = layout.startswith("bf16")
+    kv_heads = 1 if sharded else 2
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
                                       rms_norm_eps=1e-5, tie_word_embeddings=False)).eval()
-    hf.save_pretrained(tmp_path / "hf_in")
+    if sharded:
+        hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf_in")
+        hf = hf.float()  # the bf16 values, as the fp32 run holds them
+    else:
+        hf.save_pretrained(tmp_path / "hf_in")
+    extra = ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.sequence_parallel=true",
+             f"model.num_kv_heads={kv_heads}"] if sharded else []
     train(tmp_path / "run", data_args, f"model.hf_checkpoint={tmp_path / 'hf_in'}", "trainer.max_steps=0",
-          "exp_manager.checkpoint_callback_params.save_last=true", nproc=1)
+          "exp_manager.checkpoint_callback_params.save_last=true", *extra, nproc=2 if sharded else 1)
     (ckpt,) = [c for c in checkpoints(str(tmp_path / "run")) if c["complete"]]
     assert ckpt["step"] == 0
     out = json.loads(nxdt("export", str(tmp_path / "run" / "checkpoints" / ckpt["name"]), "--to", "hf",
                           str(tmp_path / "hf_out"), "--json").stdout)
     assert "tokenizer.json" in out["tokenizer_files"]
-    back = LlamaForCausalLM.from_pretrained(tmp_path / "hf_out").eval()
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "hf_out", dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)

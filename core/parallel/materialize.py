@@ -205,11 +205,12 @@ def load_hf_sharded(model: Any, spec: Any, arch: Any, path: str | Path) -> None:
                        _ours: dict[str, torch.Tensor] = ours) -> dict[str, torch.Tensor] | None:
             if key not in _ours:
                 return None
+            # In the checkpoint's dtype: _fill slices first and casts only this rank's part.
             if len(empties) == 1 and key in empties:
-                return {key: _ours[key].float()}
+                return {key: _ours[key]}
             # experts: stacked [E, ...] in the adapter's output, one saved key per expert (``<module>.<e>.<w>``)
             stacked = _ours[key]
-            return {k: stacked[int(k.split(".")[-2])].float() for k in empties}
+            return {k: stacked[int(k.split(".")[-2])] for k in empties}
 
         filled |= _fill(model, portable, values_for)
     missing = sorted(wanted - filled)
