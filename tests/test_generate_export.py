@@ -1,7 +1,7 @@
 """An export that generates like nxdt: the tokenizer files reproduce nxdt's special-token handling and
 vocabulary for every model type; transformers' greedy `generate` on an exported checkpoint equals
-`nxdt generate` token for token on 20 embedded prompts, stopping at EOS; and the fixed cost of an
-SFT run (1 step against 20, the same run otherwise) stays under 10 s on a quiet machine."""
+`nxdt generate` token for token on 20 embedded prompts, stopping at EOS. (The fixed cost of an SFT
+run is measured by bench/startup.py, not asserted here.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,6 @@ from nxdt.data.embedded import load_task_rows
 # One intra-op thread: on a shared machine, spinning OpenMP threads make small matmuls 10x slower
 ENV = {**os.environ, "NXDT_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 MODEL_TYPES = ["llama", "qwen2", "gpt2", "mistral", "mixtral"]
-#: `python -c "import torch"` on a quiet 2-core machine (bench/RESULTS.md); scales the fixed-cost bound under load
-QUIET_IMPORT_TORCH_S = 1.5
 
 
 def _tokenizers():
@@ -51,39 +48,22 @@ def test_exported_tokenizer_is_nxdts_for_every_model_type(tmp_path, model_type):
             assert hf(prompt)["input_ids"] == prompt_ids(tok, prompt), (name, model_type, prompt)
 
 
-def _run(run_dir: Path, steps: int) -> float:
-    """`nxdt run llama3-tiny --recipe sft` for ``steps`` steps, saving the last checkpoint; returns its wall time."""
-    t0 = time.perf_counter()
+def _run(run_dir: Path, steps: int) -> None:
+    """`nxdt run llama3-tiny --recipe sft` for ``steps`` steps, saving the last checkpoint."""
     res = subprocess.run([sys.executable, "-m", "nxdt.cli.main", "run", "llama3-tiny", "--recipe", "sft",
                           f"trainer.max_steps={steps}", f"exp_manager.explicit_log_dir={run_dir}",
                           "exp_manager.checkpoint_callback_params.save_last=true"],
                          capture_output=True, text=True, env=ENV, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    return time.perf_counter() - t0
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """0-, 1- and 20-step SFT runs of llama3-tiny (checkpointed), and `import torch` timed between them."""
+    """Checkpoints of 0-, 1- and 20-step SFT runs of llama3-tiny (initial, barely and partly trained weights)."""
     root = tmp_path_factory.mktemp("sft")
-    _run(root / "zero", 0)  # the initial weights: continuations that run to the token limit
-    one = _run(root / "one", 1)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], check=True)
-    torch_s = time.perf_counter() - t0
-    twenty = _run(root / "twenty", 20)
-    return {"root": root, "one_s": one, "twenty_s": twenty, "import_torch_s": torch_s}
-
-
-@pytest.mark.slow
-def test_fixed_cost_of_an_sft_run(runs):
-    """Wall time of 1 step minus one step's share of 20: under 10 s, scaled by how slow `import torch` is here."""
-    per_step = (runs["twenty_s"] - runs["one_s"]) / 19
-    fixed = runs["one_s"] - per_step
-    load = max(1.0, runs["import_torch_s"] / QUIET_IMPORT_TORCH_S)
-    print(f"1 step {runs['one_s']:.1f} s, 20 steps {runs['twenty_s']:.1f} s, {per_step:.2f} s/step, fixed cost "
-          f"{fixed:.1f} s; import torch {runs['import_torch_s']:.2f} s (load factor {load:.1f})")
-    assert fixed <= 10.0 * load
+    for name, steps in (("zero", 0), ("one", 1), ("twenty", 20)):
+        _run(root / name, steps)
+    return {"root": root}
 
 
 def _checkpoint(run_dir: Path) -> Path:
