@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import describe_machine
+from rounds import median_range
 
 MODES = ("precomputed", "live")
 # ~13M parameters: the frozen reference's weights stand well clear of the process's baseline RSS,
@@ -102,11 +102,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_mib": peak_rss_mib(), "losses": losses, "tokens_per_step": tokens_per_step}
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """Median, min and max."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(argv: list[str] | None = None) -> None:
     """Interleaved rounds of both modes, each in its own process; print medians with min/max."""
     args = parse_args(argv)
@@ -132,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         "tokens_per_step": runs["live"][0]["tokens_per_step"],
         "same_losses": all(a["losses"] == b["losses"] for a, b in zip(runs["precomputed"], runs["live"])),
         # each round's ratio: both modes ran back to back, so it is the steadier figure on a busy machine
-        "round_ratio": summary([a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["precomputed"], runs["live"])]),
-        **{m: {k: summary([x[k] for x in runs[m]]) for k in ("tokens_per_s", "peak_rss_mib", "reference_s")} for m in MODES},
+        "round_ratio": median_range([a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["precomputed"], runs["live"])]),
+        **{m: {k: median_range([x[k] for x in runs[m]]) for k in ("tokens_per_s", "peak_rss_mib", "reference_s")} for m in MODES},
         "rounds": runs,
     }
     if args.json:

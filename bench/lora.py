@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from machine import describe_machine
+from rounds import median_range
 
 SHAPE = ["model.hidden_size=512", "model.num_layers=8", "model.num_attention_heads=8", "model.num_kv_heads=4",
          "model.ffn_hidden_size=1536", "model.vocab_size=8192", "data.seq_length=128",
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for side, runs in results.items():
         for key in ("peak_rss_mib", "tokens_per_s"):
             values = [run[key] for run in runs]
-            summary[f"{side}_{key}"] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+            summary[f"{side}_{key}"] = median_range(values)
     summary["memory_ratio_lora_over_full"] = summary["lora_peak_rss_mib"]["median"] / summary["full_peak_rss_mib"]["median"]
     summary["speed_ratio_lora_over_full"] = summary["lora_tokens_per_s"]["median"] / summary["full_tokens_per_s"]["median"]
     if args.json:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
+from rounds import median_range  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NXDT_DEVICE": "cpu"}
 NXDT = [sys.executable, "-m", "nxdt.cli.main"]
@@ -64,11 +64,6 @@ def sft(steps: int, run_dir: str) -> float:
                  f"exp_manager.explicit_log_dir={run_dir}", "exp_manager.checkpoint_callback_params.save_last=true"])
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """Median, min and max."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure both parts; returns medians, ranges and per-round ratios."""
     for cmd in COMMANDS.values():
@@ -90,10 +85,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "seconds": {name: summary(v) for name, v in times.items()},
-        "ratio_to_import_torch": {name: summary(v) for name, v in ratios.items()},
-        "sft_seconds": {"1_step": summary(one), "20_steps": summary(twenty)},
-        "sft_fixed_cost_s": summary(fixed),
+        "seconds": {name: median_range(v) for name, v in times.items()},
+        "ratio_to_import_torch": {name: median_range(v) for name, v in ratios.items()},
+        "sft_seconds": {"1_step": median_range(one), "20_steps": median_range(twenty)},
+        "sft_fixed_cost_s": median_range(fixed),
         "rounds": {"cli": times, "sft_1": one, "sft_20": twenty},
     }
 
