@@ -284,7 +284,7 @@ KEYS: dict[str, Key] = {
         _refuse_true("ring attention (context parallelism) is not available yet")
     ),
     "model.fusions.softmax": _NEURON,
-    "model.fusions.torch_compile": read("nxdt.parallel.compile"),
+    "model.fusions.torch_compile": read("nxdt.parallel.apply"),
     "model.optim.name": read("nxdt.train.optim"),
     "model.optim.lr": read("nxdt.train.optim"),
     "model.optim.weight_decay": read("nxdt.train.optim"),

@@ -75,6 +75,9 @@ class MoEConfig:
             raise ValueError("moe.dropless=true drops no token, so capacity_factor must be unset")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"moe.dropout must be in [0, 1), got {self.dropout}")
+        if self.router_z_loss_coef and not self.output_router_logits:
+            # nxdt's own key, so no HF or NxDT config sets it expecting it to be inert
+            raise ValueError("moe.router_z_loss_coef takes effect only with moe.output_router_logits=true; set that too")
 
     @property
     def drops(self) -> bool:

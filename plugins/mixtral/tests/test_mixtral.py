@@ -225,6 +225,7 @@ def test_router_runs_in_fp32_under_bf16():
 
 # -- keys, refusals, counts ----------------------------------------------------------------------------------
 def test_nxdt_moe_keys_and_hf_config_round_trip():
+    from nxdt.errors import NxdtError
     from nxdt.resolve import resolve
 
     run = resolve("mixtral-tiny", overrides=["model.moe.top_k=1", "model.moe.capacity_factor=2.0",
@@ -232,6 +233,8 @@ def test_nxdt_moe_keys_and_hf_config_round_trip():
     moe = run.arch.moe
     assert (moe.num_experts, moe.top_k, moe.capacity_factor, moe.router_aux_loss_coef, moe.router_z_loss_coef) == (
         4, 1, 2.0, 0.02, 0.001)
+    with pytest.raises(NxdtError, match="router_z_loss_coef takes effect only with moe.output_router_logits=true"):
+        resolve("mixtral-tiny", overrides=["model.moe.output_router_logits=false", "model.moe.router_z_loss_coef=0.001"])
     hf = MIXTRAL_SPEC.config_to_hf(CASES["8_experts_top2"])
     assert (hf["num_local_experts"], hf["num_experts_per_tok"], hf["model_type"]) == (8, 2, "mixtral")
     assert MIXTRAL_SPEC.config_to_hf(MIXTRAL_SPEC.config_from_hf(hf)) == hf
