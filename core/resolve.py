@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nxdt.config import RunConfig, compose, load_yaml
-from nxdt.config.support import check_run
+from nxdt.config.support import architecture_notes, check_run
 from nxdt.errors import ConfigError, NxdtError
 from nxdt.plugin_host import PluginHost, get_host
 from nxdt.specs import ModelSpec, ParallelDims, PresetSpec, RecipeSpec
@@ -100,6 +100,7 @@ def resolve(
         config = compose(layers, overrides)
     notes = check_run(config, spec, recipe_spec)
     arch = architecture_config(spec, config)
+    notes += architecture_notes(config, arch)
     check_sequence_length(config, arch)
     return ResolvedRun(config, family, spec, arch, preset, recipe_spec, target, notes)
 

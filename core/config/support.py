@@ -413,6 +413,16 @@ def check_run(cfg: RunConfig, spec: ModelSpec, recipe: RecipeSpec | None) -> lis
     return [f"{path} has no effect on the torch backend: {why}" for path, why in no_effect_keys(cfg)]
 
 
+def architecture_notes(cfg: RunConfig, arch: Any) -> list[str]:
+    """Notes on keys set that the resolved architecture makes inert (it may come from a config.json)."""
+    moe, section = getattr(arch, "moe", None), cfg.model.moe
+    if moe is None or section is None or not section.router_aux_loss_coef or moe.output_router_logits:
+        return []
+    # transformers and NxDT add the load-balancing loss only with output_router_logits; so does nxdt
+    return ["model.moe.router_aux_loss_coef has no effect: the load-balancing loss enters training only with "
+            "model.moe.output_router_logits=true"]
+
+
 _NO_EFFECT_MODEL = {
     "persist_layer_norm": "it selects an Apex kernel; nxdt's norms are torch's",
     "apply_query_key_layer_scaling": "an fp16 overflow guard that cancels out; nxdt computes softmax in fp32",

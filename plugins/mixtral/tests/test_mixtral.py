@@ -235,6 +235,9 @@ def test_nxdt_moe_keys_and_hf_config_round_trip():
         4, 1, 2.0, 0.02, 0.001)
     with pytest.raises(NxdtError, match="router_z_loss_coef takes effect only with moe.output_router_logits=true"):
         resolve("mixtral-tiny", overrides=["model.moe.output_router_logits=false", "model.moe.router_z_loss_coef=0.001"])
+    inert = resolve("mixtral-tiny", overrides=["model.moe.output_router_logits=false", "model.moe.router_aux_loss_coef=0.02"])
+    assert [n for n in inert.notes if "router_aux_loss_coef has no effect" in n]
+    assert not [n for n in run.notes if "router" in n]
     hf = MIXTRAL_SPEC.config_to_hf(CASES["8_experts_top2"])
     assert (hf["num_local_experts"], hf["num_experts_per_tok"], hf["model_type"]) == (8, 2, "mixtral")
     assert MIXTRAL_SPEC.config_to_hf(MIXTRAL_SPEC.config_from_hf(hf)) == hf
