@@ -69,6 +69,15 @@ class RunContext:
         """This rank's index in its data-parallel group."""
         return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
 
+    def shard_plan(self) -> Any:
+        """The shard plan in force (a plugin's nxdt_shard_plan override, else the family's); refusals are ConfigErrors."""
+        from nxdt.errors import ConfigError
+
+        try:
+            return self.host.shard_plan(self.spec, self.arch, self.parallel)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+
     def group(self, dim: str) -> Any:
         """The process group of mesh dimension ``dim`` when it spans more than one rank, else None."""
         if self.mesh is None or getattr(self.parallel, dim, 1) <= 1:

@@ -176,11 +176,7 @@ def _shard(model: nn.Module, ctx: RunContext, partial: bool = False) -> tuple[li
     from nxdt.parallel.tensor_parallel import apply_tensor_parallel
 
     run, parallel = ctx.run, ctx.parallel
-    try:
-        # The plan in force: a plugin's nxdt_shard_plan override, else the family's own.
-        plan = ctx.host.shard_plan(run.spec, run.arch, parallel)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    plan = ctx.shard_plan()
     names: list[str] = []
     kv_heads, replicas = 0, 1
     if plan.kv_projections:

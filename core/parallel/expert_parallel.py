@@ -215,10 +215,7 @@ def apply_expert_parallel(model: nn.Module, ctx: RunContext, partial: bool = Fal
     ``partial``: ``model`` is one pipeline rank's part, so the plan may match none of its modules.
     """
     run, parallel = ctx.run, ctx.parallel
-    try:
-        plan = ctx.host.shard_plan(run.spec, run.arch, parallel)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    plan = ctx.shard_plan()
     globs = [g for g, style in plan.as_dict(parallel.sequence_parallel).items() if style == "expert"]
     targets = [(n, m) for n, m in model.named_modules() if n and any(fnmatch.fnmatchcase(n, g) for g in globs)]
     if not targets and not partial and parallel.ep > 1:
