@@ -254,8 +254,7 @@ def job_failure(failures: dict[int, Any], status_dir: str, watchdog: Watchdog) -
                     key=lambda item: (item[1].timestamp, item[0]))
     # The launcher stops the surviving ranks with SIGTERM: a rank that died of another signal
     # (SIGABRT, SIGSEGV, an OOM SIGKILL) is the cause even when its death is stamped in the same second.
-    stopped = (-signal.SIGTERM,)
-    killed = sorted(((rank, f) for rank, f in deaths if f.exitcode < 0), key=lambda item: item[1].exitcode in stopped)
+    killed = sorted(((rank, f) for rank, f in deaths if f.exitcode < 0), key=lambda item: item[1].exitcode == -signal.SIGTERM)
     if killed or deaths:
         rank, f = (killed or deaths)[0]
         if f.exitcode < 0:

@@ -27,12 +27,15 @@ def available_bytes(device: torch.device) -> int | None:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    # CPU ranks of one node share its RAM.
-                    return available // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+                    return int(line.split()[1]) * 1024 // _ranks_sharing_ram()
     except OSError:
         return None
     return None
+
+
+def _ranks_sharing_ram() -> int:
+    """CPU ranks on this node: they share its RAM."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def plan_for(ctx: Any, meta_model: nn.Module) -> Any:
@@ -69,7 +72,7 @@ def check_model_fits(ctx: Any, meta_model: nn.Module) -> Any:
 
 def _free_text(device: torch.device, free: int) -> str:
     """What ``free`` is: a GPU's free memory, or one CPU rank's share of the machine's available RAM."""
-    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    ranks = _ranks_sharing_ram()
     if device.type != "cpu" or ranks == 1:
         return f"{device.type} has {free / GIB:.1f} GiB free"
     return (f"each of the {ranks} CPU ranks on this machine has {free / GIB:.1f} GiB "
